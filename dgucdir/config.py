@@ -1,0 +1,391 @@
+"""Typed configuration: dataclass schema, YAML loading, dotted overrides, validation.
+
+Every setting lives in one tree of dataclasses (in the manner of torchtitan's job config), so
+the whole run is described by one object that is saved in checkpoints, flattened into MLflow
+params and printed by ``dgucdir config``. Loading validates everything before any work starts:
+an unknown key, a wrong type or an impossible value raises :class:`ConfigError` naming the
+dotted key, the YAML file and line where it came from, and what would have been allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem, always naming the offending key."""
+
+
+@dataclass
+class DataConfig:
+    manifest: str = "data/demo/shards/manifest.json"
+    train_domains: list[str] = field(default_factory=lambda: ["ink", "neon"])
+    eval_domains: list[str] = field(default_factory=lambda: ["photo", "sketch"])
+    image_size: int = 224
+    num_threads: int = 4
+    shuffle_buffer: int = 1024
+
+
+@dataclass
+class AugmentConfig:
+    fourier: bool = True
+    alpha: float = 1.0
+    hpf_range: int = 50
+    hpf_alpha: float = 0.4
+    hpf_fixed: bool = False
+    phase_amplitude: float = 50000.0
+    crop_scale_min: float = 0.2
+
+
+@dataclass
+class ModelConfig:
+    arch: Literal["resnet50", "resnet18", "resnet_narrow"] = "resnet50"
+    proj_dim: int = 128
+    momentum: float = 0.999
+    moco_init: str | None = None
+    rgb_only: bool = False
+    channels_last: bool = False
+
+
+@dataclass
+class LossConfig:
+    temperature: float = 0.2
+    queue_size: int = 5120
+    shared_queue: bool = False
+    w_phase_phase: float = 0.5
+    w_rgb_rgb: float = 0.5
+    w_phase_rgb: float = 0.5
+    w_rgb_phase: float = 0.5
+    cluster: bool = True
+    cluster_weight: float = 0.1
+    num_clusters: int = 7
+    kmeans_niter: int = 20
+    kmeans_nredo: int = 5
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 0.0002
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    schedule: Literal["cosine", "constant"] = "cosine"
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 200
+    batch_size: int = 64
+    warmup_epochs: int = 20
+    seed: int = 0
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    output_dir: str = "runs/default"
+    checkpoint_every: int = 1
+    keep_checkpoints: int = 3
+    eval_every: int = 10
+    log_every: int = 10
+    max_steps_per_epoch: int | None = None
+
+
+@dataclass
+class EvalConfig:
+    topk: list[int] = field(default_factory=lambda: [1, 5, 15])
+    map_k: int = 200
+    batch_size: int = 128
+    chunk_size: int = 1024
+    picture_queries: int = 4
+    picture_topk: int = 8
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    uri: str | None = None
+    experiment: str = "dgucdir"
+    run_name: str | None = None
+
+
+@dataclass
+class LaunchConfig:
+    nodes: int = 1
+    gpus_per_node: int = 1
+    cpus_per_task: int = 10
+    mem_gb: int | None = None
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    time_min: int = 24 * 60
+    job_name: str = "dgucdir"
+    folder: str = "slurm_logs"
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+
+
+# --------------------------------------------------------------------------- value checks
+# (key, predicate, what is allowed). Checked after types, so predicates see typed values.
+_VALUE_RULES: list[tuple[str, typing.Callable[[Any], bool], str]] = [
+    ("data.train_domains", lambda v: len(v) >= 1 and len(set(v)) == len(v), "a non-empty list of distinct domain names"),
+    ("data.eval_domains", lambda v: len(v) >= 2 and len(set(v)) == len(v), "at least two distinct domain names"),
+    ("data.image_size", lambda v: v >= 16, "an integer >= 16"),
+    ("data.num_threads", lambda v: v >= 1, "an integer >= 1"),
+    ("data.shuffle_buffer", lambda v: v >= 1, "an integer >= 1"),
+    ("augment.alpha", lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]"),
+    ("augment.hpf_alpha", lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]"),
+    ("augment.hpf_range", lambda v: v >= 0, "an integer >= 0 (0 disables the phase mix)"),
+    ("augment.phase_amplitude", lambda v: v > 0, "a number > 0"),
+    ("augment.crop_scale_min", lambda v: 0.0 < v <= 1.0, "a number in (0, 1]"),
+    ("model.proj_dim", lambda v: v >= 1, "an integer >= 1"),
+    ("model.momentum", lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
+    ("loss.temperature", lambda v: v > 0, "a number > 0"),
+    ("loss.queue_size", lambda v: v >= 1, "an integer >= 1"),
+    ("loss.cluster_weight", lambda v: v >= 0, "a number >= 0"),
+    ("loss.num_clusters", lambda v: v >= 2, "an integer >= 2"),
+    ("loss.kmeans_niter", lambda v: v >= 1, "an integer >= 1"),
+    ("loss.kmeans_nredo", lambda v: v >= 1, "an integer >= 1"),
+    ("optim.lr", lambda v: v > 0, "a number > 0"),
+    ("optim.momentum", lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
+    ("optim.weight_decay", lambda v: v >= 0, "a number >= 0"),
+    ("train.epochs", lambda v: v >= 1, "an integer >= 1"),
+    ("train.batch_size", lambda v: v >= 1, "an integer >= 1"),
+    ("train.warmup_epochs", lambda v: v >= 0, "an integer >= 0"),
+    ("train.checkpoint_every", lambda v: v >= 1, "an integer >= 1"),
+    ("train.keep_checkpoints", lambda v: v >= 1, "an integer >= 1"),
+    ("train.eval_every", lambda v: v >= 1, "an integer >= 1"),
+    ("train.log_every", lambda v: v >= 1, "an integer >= 1"),
+    ("train.max_steps_per_epoch", lambda v: v is None or v >= 1, "null or an integer >= 1"),
+    ("eval.topk", lambda v: len(v) >= 1 and all(k >= 1 for k in v), "a non-empty list of integers >= 1"),
+    ("eval.map_k", lambda v: v >= 1, "an integer >= 1"),
+    ("eval.batch_size", lambda v: v >= 1, "an integer >= 1"),
+    ("eval.chunk_size", lambda v: v >= 1, "an integer >= 1"),
+    ("eval.picture_queries", lambda v: v >= 0, "an integer >= 0"),
+    ("eval.picture_topk", lambda v: v >= 1, "an integer >= 1"),
+    ("launch.nodes", lambda v: v >= 1, "an integer >= 1"),
+    ("launch.gpus_per_node", lambda v: v >= 1, "an integer >= 1"),
+    ("launch.cpus_per_task", lambda v: v >= 1, "an integer >= 1"),
+    ("launch.time_min", lambda v: v >= 1, "an integer >= 1"),
+]
+
+
+def _cross_checks(cfg: Config) -> None:
+    """Checks that involve several keys at once."""
+    overlap = set(cfg.data.train_domains) & set(cfg.data.eval_domains)
+    if overlap:
+        raise ConfigError(
+            f"data.eval_domains: {sorted(overlap)} also in data.train_domains; retrieval is evaluated on unseen domains only"
+        )
+    if cfg.train.batch_size % len(cfg.data.train_domains):
+        raise ConfigError(
+            f"train.batch_size: {cfg.train.batch_size} is not divisible by the {len(cfg.data.train_domains)} training domains"
+        )
+
+
+# --------------------------------------------------------------------------- type coercion
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(tp, str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
+    """Returns ``value`` as type ``tp`` or raises ConfigError naming ``key``."""
+
+    def fail() -> typing.NoReturn:
+        raise ConfigError(f"{key}{where}: got {value!r}, expected {_type_name(tp)}")
+
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            fail()
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            fail()
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key, where)
+            except ConfigError:
+                pass
+        fail()
+    if origin is list:
+        if not isinstance(value, list):
+            fail()
+        (item,) = typing.get_args(tp)
+        return [_coerce(v, item, f"{key}[{i}]", where) for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            fail()
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            fail()
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            fail()
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            fail()
+        return value
+    raise TypeError(f"unsupported config type {tp} for {key}")
+
+
+def _build(cls: type, raw: Any, prefix: str, lines: dict[str, str]) -> Any:
+    """Builds dataclass ``cls`` from a mapping, checking keys and types."""
+    where = lines.get(prefix, "")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix or 'config'}{where}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        key = f"{prefix}.{unknown[0]}" if prefix else str(unknown[0])
+        raise ConfigError(
+            f"{key}{lines.get(key, where)}: unknown key; allowed keys under {prefix or 'the top level'}: {', '.join(fields)}"
+        )
+    kwargs = {}
+    for name, value in raw.items():
+        key = f"{prefix}.{name}" if prefix else name
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, key, lines)
+        else:
+            kwargs[name] = _coerce(value, tp, key, lines.get(key, ""))
+    return cls(**kwargs)
+
+
+def _get(cfg: Config, key: str) -> Any:
+    obj: Any = cfg
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def validate(cfg: Config, lines: dict[str, str] | None = None) -> None:
+    """Raises ConfigError for the first impossible value."""
+    lines = lines or {}
+    for key, ok, allowed in _VALUE_RULES:
+        value = _get(cfg, key)
+        if not ok(value):
+            raise ConfigError(f"{key}{lines.get(key, '')}: got {value!r}, expected {allowed}")
+    _cross_checks(cfg)
+
+
+# --------------------------------------------------------------------------- YAML + overrides
+def _line_map(node: yaml.Node, source: str, prefix: str = "") -> dict[str, str]:
+    """Maps every dotted key of a composed YAML mapping to ' (file:line)'."""
+    out: dict[str, str] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = f"{prefix}.{key_node.value}" if prefix else str(key_node.value)
+            out[key] = f" ({source}:{key_node.start_mark.line + 1})"
+            out.update(_line_map(value_node, source, key))
+    return out
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parses ``a.b=value``; the value is read as YAML so lists and numbers work."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected dotted.key=value")
+    key, value = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r}: empty key")
+    try:
+        return key, yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from exc
+
+
+def _set_nested(raw: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key}: {'.'.join(parts[: i + 1])} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def from_dict(raw: dict, lines: dict[str, str] | None = None) -> Config:
+    """Builds and validates a Config from plain data (e.g. a checkpoint's saved config)."""
+    lines = lines or {}
+    cfg = _build(Config, raw, "", lines)
+    validate(cfg, lines)
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Loads a YAML config (or the defaults when ``path`` is None) and applies overrides."""
+    raw: dict = {}
+    lines: dict[str, str] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        text = path.read_text()
+        try:
+            node = yaml.compose(text)
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        if node is not None:
+            lines = _line_map(node, str(path))
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_nested(raw, key, value)
+        lines[key] = f" (command-line override {item!r})"
+    return from_dict(raw, lines)
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def flatten(cfg: Config) -> dict[str, Any]:
+    """The config as {dotted.key: value}, e.g. for MLflow params."""
+    out: dict[str, Any] = {}
+
+    def walk(obj: Any, prefix: str) -> None:
+        for key, value in obj.items():
+            name = f"{prefix}.{key}" if prefix else key
+            if isinstance(value, dict):
+                walk(value, name)
+            else:
+                out[name] = value
+
+    walk(to_dict(cfg), "")
+    return out

@@ -1,0 +1,110 @@
+"""The two-stage Fourier domain augmentation and the phase image, batched on any device.
+
+The original implementation works per image in numpy float64 on the CPU. Here one batched
+call does the whole batch in float32 on the batch's own device (cuFFT on a GPU), with
+*real-input* FFTs: the images are real, so half of each spectrum suffices.
+
+The centred low-frequency phase-mix window is not symmetric about the zero frequency for even
+sides (it covers -w/2 but not +w/2), so the mixed spectrum Z is not Hermitian and the reference
+takes ``real(ifft2(Z))``. That equals ``irfft2`` of the Hermitian part ``(Z(k) + conj(Z(-k)))/2``,
+which on the half spectrum is ``A(k) * (exp(i*phi_W(k)) + exp(i*phi_W'(k))) / 2`` where phi_W
+mixes the phase inside the window W and phi_W' inside the mirrored window -W. So the real-FFT
+path is exact, not an approximation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+GRAY_WEIGHTS = (0.299, 0.587, 0.114)
+# float32 FFT round trips land up to ~1e-4 below an integer (measured up to 512x512); without
+# this guard truncation would turn an unchanged 255 into 254 and lambda = 0 would not be identity.
+ROUNDOFF_GUARD = 1e-3
+
+
+def window_mask_1d(n: int, w: int, device: torch.device) -> torch.Tensor:
+    """Boolean mask over *unshifted* frequency indices of the centred window of side ``w``.
+
+    In fftshift coordinates the window is rows round((n-w)/2) .. round((n+w)/2)-1; Python's
+    round() (half to even) matches numpy's, which the original uses.
+    """
+    shifted = torch.zeros(n, dtype=torch.bool, device=device)
+    shifted[round((n - w) / 2) : round((n + w) / 2)] = True
+    return torch.fft.ifftshift(shifted)
+
+
+@dataclass(frozen=True)
+class FourierAugment:
+    """Amplitude mix + low-frequency phase mix with a partner view, and phase images.
+
+    alpha: amplitude mix strength, lambda_a ~ U(0, alpha).
+    hpf_range: side of the centred low-frequency window where the phase is mixed (0: off).
+    hpf_alpha: phase mix strength, lambda_p ~ U(0, hpf_alpha), or exactly hpf_alpha if hpf_fixed.
+    phase_amplitude: the constant amplitude of the phase image.
+    """
+
+    alpha: float = 1.0
+    hpf_range: int = 50
+    hpf_alpha: float = 0.4
+    hpf_fixed: bool = False
+    phase_amplitude: float = 50000.0
+
+    def sample_lambdas(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draws (lambda_a, lambda_p) per sample on the CPU, reproducibly from ``generator``."""
+        lam_a = torch.rand(n, generator=generator) * self.alpha
+        lam_p = torch.rand(n, generator=generator) * self.hpf_alpha
+        if self.hpf_fixed:
+            lam_p = torch.full((n,), self.hpf_alpha)
+        return lam_a, lam_p
+
+    @torch.autocast("cuda", enabled=False)
+    @torch.autocast("cpu", enabled=False)
+    def mix(self, x: torch.Tensor, p: torch.Tensor, lam_a: torch.Tensor, lam_p: torch.Tensor) -> torch.Tensor:
+        """Mixes views ``x`` with partners ``p`` (B,C,H,W in [0,255]); returns integer-valued float32."""
+        x = x.float()
+        p = p.float()
+        B, C, H, W = x.shape
+        fx = torch.fft.rfft2(x)
+        fp = torch.fft.rfft2(p)
+        lam_a = lam_a.to(x.device, torch.float32).view(B, 1, 1, 1)
+        amp = (1 - lam_a) * fx.abs() + lam_a * fp.abs()
+        phase_x = fx.angle()
+        w = min(self.hpf_range, H, W)
+        if w > 0:
+            lam_p = lam_p.to(x.device, torch.float32).view(B, 1, 1, 1)
+            rows, cols = window_mask_1d(H, w, x.device), window_mask_1d(W, w, x.device)
+            win = rows[:, None] & cols[None, :]
+            mirrored = torch.roll(torch.flip(win, (0, 1)), shifts=(1, 1), dims=(0, 1))  # win[-i, -j]
+            half = W // 2 + 1
+            delta = lam_p * (fp.angle() - phase_x)
+            phase_a = phase_x + delta * win[:, :half]
+            phase_b = phase_x + delta * mirrored[:, :half]
+            spec = amp * (torch.polar(torch.ones_like(amp), phase_a) + torch.polar(torch.ones_like(amp), phase_b)) / 2
+        else:
+            spec = torch.polar(amp, phase_x)
+        out = torch.fft.irfft2(spec, s=(H, W))
+        return out.add_(ROUNDOFF_GUARD).clamp_(0, 255).trunc_()
+
+    @torch.autocast("cuda", enabled=False)
+    @torch.autocast("cpu", enabled=False)
+    def phase_image(self, x: torch.Tensor) -> torch.Tensor:
+        """Grayscale phase-only reconstruction of ``x`` (B,3,H,W in [0,255]) as 3 equal channels."""
+        x = x.float()
+        H, W = x.shape[-2:]
+        wr, wg, wb = GRAY_WEIGHTS
+        gray = (wr * x[:, 0] + wg * x[:, 1] + wb * x[:, 2]).trunc()
+        f = torch.fft.rfft2(gray)
+        spec = torch.polar(torch.full_like(f.real, self.phase_amplitude), f.angle())
+        out = torch.fft.irfft2(spec, s=(H, W)).add_(ROUNDOFF_GUARD).clamp_(0, 255).trunc_()
+        return out.unsqueeze(1).expand(-1, 3, -1, -1)
+
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    """ImageNet mean/std normalisation of [0,255] images (B,3,H,W)."""
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    return (x.float() - mean) / std

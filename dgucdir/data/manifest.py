@@ -1,0 +1,99 @@
+"""What a packed dataset is: domains, their shards with DALI index files, counts and classes.
+
+``manifest.json`` is the single entry point of a packed dataset; every other file (shards,
+index files, per-domain sample tables) is named relative to it, so a packed folder can be
+moved or mounted anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+MANIFEST_VERSION = 1
+# Components of each webdataset sample. Keys never contain dots (DALI splits at the first one).
+IMAGE_EXTS = ("jpg", "png")
+LABEL_EXT = "lbl"  # int32 little-endian class id (0-based), read by DALI with dtype INT32
+INDEX_EXT = "idx"  # int32 little-endian index of the sample within its domain
+CLASS_EXT = "cls"  # the class id as text, the webdataset convention for other readers
+PATH_EXT = "txt"  # the source path, for humans and `dgucdir search`
+
+
+@dataclass(frozen=True)
+class Shard:
+    path: Path
+    index_path: Path
+    count: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class SampleRecord:
+    """Where one sample's image bytes lie, for random access (pictures, search)."""
+
+    index: int
+    label: int
+    shard: Path
+    offset: int
+    size: int
+    source: str
+
+
+@dataclass(frozen=True)
+class Domain:
+    name: str
+    count: int
+    class_counts: list[int]
+    shards: list[Shard]
+    samples_path: Path
+
+    def samples(self) -> list[SampleRecord]:
+        """Reads the per-domain sample table, ordered by index within the domain."""
+        rows = []
+        root = self.samples_path.parent
+        with self.samples_path.open() as fh:
+            next(fh)
+            for line in fh:
+                index, label, shard, offset, size, source = line.rstrip("\n").split("\t", 5)
+                rows.append(SampleRecord(int(index), int(label), root / shard, int(offset), int(size), source))
+        rows.sort(key=lambda r: r.index)
+        return rows
+
+    def read_image_bytes(self, record: SampleRecord) -> bytes:
+        with record.shard.open("rb") as fh:
+            fh.seek(record.offset)
+            return fh.read(record.size)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    path: Path
+    classes: list[str]
+    label_offset: int
+    domains: dict[str, Domain]
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Manifest":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no manifest at {path}; create one with `dgucdir pack` (or `dgucdir demo-data`)")
+        raw = json.loads(path.read_text())
+        if raw.get("version") != MANIFEST_VERSION:
+            raise ValueError(f"{path}: manifest version {raw.get('version')!r}, expected {MANIFEST_VERSION}")
+        root = path.parent
+        domains = {}
+        for name, d in raw["domains"].items():
+            shards = [Shard(root / s["path"], root / s["index"], s["count"], s["sha256"]) for s in d["shards"]]
+            domains[name] = Domain(name, d["count"], d["class_counts"], shards, root / d["samples"])
+        return cls(path, raw["classes"], raw["label_offset"], domains)
+
+    def domain(self, name: str) -> Domain:
+        if name not in self.domains:
+            raise KeyError(f"domain {name!r} is not in {self.path}; it has: {', '.join(self.domains)}")
+        return self.domains[name]
+
+    def check_domains(self, names: list[str], what: str) -> None:
+        missing = [n for n in names if n not in self.domains]
+        if missing:
+            raise ValueError(f"{what}: {missing} not in {self.path}; it has: {', '.join(self.domains)}")
