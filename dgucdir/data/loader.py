@@ -1,0 +1,174 @@
+"""Domain-balanced training batches from DALI, Fourier-augmented on the training device.
+
+Determinism is by construction rather than by saved state: an epoch's DALI pipelines are
+built with seeds derived from (seed, epoch, rank, domain), and every per-step random draw of
+the Fourier stage (partner permutation, lambdas) from (seed, epoch, rank, step). Resuming at
+step s of an epoch therefore needs no DALI checkpoint: the pipelines are rebuilt and s batches
+are read and dropped, which reproduces the uninterrupted run exactly (at the cost of reading
+at most one epoch's data again).
+
+The partner of each view is another sample of the *whole* multi-domain batch (a random
+derangement), so the amplitude spectrum usually comes from another training domain: that
+cross-domain style mixing is what the augmentation is for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from dataclasses import dataclass, fields
+from typing import Iterator
+
+import torch
+from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+from .fourier import FourierAugment, normalize
+from .manifest import Domain, Manifest
+from .pipeline import READER_NAME, PipelineSpec, eval_pipeline, train_pipeline
+
+
+def derive_seed(*parts: object) -> int:
+    """A 31-bit seed from any parts; stable across processes and Python versions."""
+    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def dali_to_torch(tensor_list, device: torch.device) -> torch.Tensor:
+    """A DALI TensorList (uniform shape) as a torch tensor on ``device`` (copied: DALI reuses its buffers)."""
+    t = torch.from_dlpack(tensor_list.as_tensor())
+    return t.to(device, copy=True) if t.device != device else t.clone()
+
+
+@dataclass
+class Batch:
+    """One training step's inputs for this rank. Views are normalised float (B,3,H,W)."""
+
+    q_phase: torch.Tensor
+    k_phase: torch.Tensor
+    q_rgb: torch.Tensor
+    k_rgb: torch.Tensor
+    domain: torch.Tensor
+    index: torch.Tensor
+    label: torch.Tensor  # for diagnostics only; never used by a loss
+
+    def __len__(self) -> int:
+        return self.q_rgb.shape[0]
+
+    def to(self, device: torch.device) -> "Batch":
+        return Batch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+
+def per_rank_batch(global_batch: int, n_domains: int, world_size: int) -> int:
+    """Splits the global batch; an error before training when it cannot be split evenly."""
+    if global_batch % (n_domains * world_size):
+        raise ValueError(
+            f"train.batch_size={global_batch} must be divisible by n_domains x world_size = "
+            f"{n_domains} x {world_size} = {n_domains * world_size}"
+        )
+    return global_batch // world_size
+
+
+class MultiDomainLoader:
+    """Yields :class:`Batch` with exactly batch/n_domains samples per training domain per rank.
+
+    One epoch is one pass over this rank's share of the largest domain; smaller domains wrap
+    around, as in the original code.
+    """
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        domains: list[str],
+        batch_size: int,
+        spec: PipelineSpec,
+        augment: FourierAugment,
+        seed: int,
+        device: torch.device,
+        shuffle_buffer: int = 1024,
+        crop_scale_min: float = 0.2,
+        fourier_mix: bool = True,
+    ) -> None:
+        manifest.check_domains(domains, "data.train_domains")
+        if batch_size % len(domains):
+            raise ValueError(f"per-rank batch {batch_size} is not divisible by {len(domains)} training domains")
+        self.domains: list[Domain] = [manifest.domain(d) for d in domains]
+        self.per_domain = batch_size // len(domains)
+        self.spec = spec
+        self.augment = augment
+        self.fourier_mix = fourier_mix
+        self.seed = seed
+        self.device = device
+        self.shuffle_buffer = shuffle_buffer
+        self.crop_scale_min = crop_scale_min
+        largest_share = max(math.ceil(d.count / spec.num_shards) for d in self.domains)
+        self.steps_per_epoch = math.ceil(largest_share / self.per_domain)
+        self.data_wait_s = 0.0  # time spent waiting for DALI, accumulated; the trainer reads it
+
+    def _pipelines(self, epoch: int) -> list:
+        return [
+            train_pipeline(
+                d, self.spec, self.per_domain, derive_seed(self.seed, epoch, self.spec.shard_id, d.name),
+                min(self.shuffle_buffer, d.count), self.crop_scale_min,
+            )
+            for d in self.domains
+        ]
+
+    def epoch(self, epoch: int, start_step: int = 0, num_steps: int | None = None) -> Iterator[Batch]:
+        """Batches of ``epoch`` from ``start_step`` (exact resume) to ``num_steps`` (default: all)."""
+        pipes = self._pipelines(epoch)
+        try:
+            for _ in range(start_step):
+                for p in pipes:
+                    p.run()
+            for step in range(start_step, num_steps if num_steps is not None else self.steps_per_epoch):
+                yield self._batch(pipes, epoch, step)
+        finally:
+            del pipes
+
+    def _batch(self, pipes: list, epoch: int, step: int) -> Batch:
+        t0 = time.perf_counter()
+        v1, v2, label, index, domain = [], [], [], [], []
+        for d, p in enumerate(pipes):
+            out = p.run()
+            v1.append(dali_to_torch(out[0], self.device))
+            v2.append(dali_to_torch(out[1], self.device))
+            label.append(dali_to_torch(out[2], self.device).view(-1).long())
+            index.append(dali_to_torch(out[3], self.device).view(-1).long())
+            domain.append(torch.full_like(index[-1], d))
+        self.data_wait_s += time.perf_counter() - t0
+        x1, x2 = torch.cat(v1), torch.cat(v2)
+        gen = torch.Generator().manual_seed(derive_seed(self.seed, epoch, self.spec.shard_id, step, "fourier"))
+        q_rgb, k_rgb = x1.float(), x2.float()
+        if self.fourier_mix:
+            partner = random_derangement(len(x1), gen).to(self.device)
+            q_rgb = self.augment.mix(x1, x1[partner], *self.augment.sample_lambdas(len(x1), gen))
+            k_rgb = self.augment.mix(x2, x2[partner], *self.augment.sample_lambdas(len(x2), gen))
+        q_phase, k_phase = self.augment.phase_image(x1), self.augment.phase_image(x2)
+        return Batch(normalize(q_phase), normalize(k_phase), normalize(q_rgb), normalize(k_rgb),
+                     torch.cat(domain), torch.cat(index), torch.cat(label))
+
+
+def random_derangement(n: int, generator: torch.Generator) -> torch.Tensor:
+    """A random permutation without fixed points (n >= 2): a random cycle through all items."""
+    if n < 2:
+        return torch.zeros(n, dtype=torch.long)
+    order = torch.randperm(n, generator=generator)
+    partner = torch.empty(n, dtype=torch.long)
+    partner[order] = order.roll(-1)
+    return partner
+
+
+def eval_batches(domain: Domain, spec: PipelineSpec, batch_size: int, device: torch.device
+                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """This rank's share of ``domain`` exactly once, in shard order: (uint8 images, labels, indices).
+
+    The reader pads the last batch so that all ranks step together; the iterator's PARTIAL
+    policy drops the padding again, so no sample is seen twice.
+    """
+    pipe = eval_pipeline(domain, spec, batch_size)
+    it = DALIGenericIterator([pipe], ["image", "label", "index"], reader_name=READER_NAME,
+                             last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=False)
+    for out in it:
+        b = out[0]
+        yield b["image"].to(device), b["label"].view(-1).long().to(device), b["index"].view(-1).long().to(device)

@@ -1,0 +1,141 @@
+"""DALI pipelines: the training pipeline (two MoCo v2 views per sample) and the eval pipeline.
+
+One code path for GPU and CPU: with a GPU the JPEGs are decoded by nvJPEG (``device="mixed"``)
+and the augmentations run on the GPU; without one the same graph runs on the CPU
+(``device_id=None``). The augmentations are small composable functions in the manner of
+solo-learn's DALI loader. Random decisions that the MoCo v2 recipe applies with a probability
+(colour jitter, grayscale, blur) are folded into the operator arguments (a jitter factor of 1
+is the identity), which keeps the graph free of per-sample branches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from nvidia.dali import fn, pipeline_def, types
+
+from .manifest import IMAGE_EXTS, INDEX_EXT, LABEL_EXT, Domain
+
+READER_NAME = "Reader"
+
+
+def _reader(domain: Domain, shard_id: int, num_shards: int, shuffle: bool, initial_fill: int, seed: int):
+    return fn.readers.webdataset(
+        paths=[str(s.path) for s in domain.shards],
+        index_paths=[str(s.index_path) for s in domain.shards],
+        ext=[";".join(IMAGE_EXTS), LABEL_EXT, INDEX_EXT],
+        dtypes=[types.UINT8, types.INT32, types.INT32],
+        missing_component_behavior="error",
+        shard_id=shard_id,
+        num_shards=num_shards,
+        random_shuffle=shuffle,
+        initial_fill=initial_fill,
+        pad_last_batch=not shuffle,
+        seed=seed,
+        name=READER_NAME,
+    )
+
+
+def _decode(encoded, on_gpu: bool):
+    return fn.decoders.image(encoded, device="mixed" if on_gpu else "cpu", output_type=types.RGB)
+
+
+def _coin(p: float):
+    return fn.cast(fn.random.coin_flip(probability=p), dtype=types.FLOAT)
+
+
+def _jitter_factor(strength: float, apply):
+    """A factor ~ U(1-s, 1+s) where ``apply`` is 1, and exactly 1 elsewhere."""
+    u = fn.random.uniform(range=[1.0 - strength, 1.0 + strength])
+    return 1.0 + apply * (u - 1.0)
+
+
+def color_jitter_and_grayscale(images, p_jitter: float = 0.8, p_gray: float = 0.2):
+    """torchvision ColorJitter(0.4, 0.4, 0.4, 0.1) with p=0.8, then RandomGrayscale(p=0.2).
+
+    Hue 0.1 of a turn is 36 degrees. Grayscale after the jitter is saturation 0, so both fold
+    into one colour-twist call.
+    """
+    apply = _coin(p_jitter)
+    gray = _coin(p_gray)
+    hue = apply * fn.random.uniform(range=[-36.0, 36.0])
+    return fn.color_twist(
+        images,
+        brightness=_jitter_factor(0.4, apply),
+        contrast=_jitter_factor(0.4, apply),
+        saturation=_jitter_factor(0.4, apply) * (1.0 - gray),
+        hue=hue,
+    )
+
+
+def gaussian_blur(images, p: float = 0.5, sigma_range: tuple[float, float] = (0.1, 2.0)):
+    """MoCo v2's GaussianBlur(sigma in [0.1, 2]) with p=0.5, as a per-sample blend."""
+    blurred = fn.gaussian_blur(images, sigma=fn.random.uniform(range=list(sigma_range)))
+    keep = _coin(p)
+    return fn.cast(keep * fn.cast(blurred, dtype=types.FLOAT) + (1.0 - keep) * fn.cast(images, dtype=types.FLOAT),
+                   dtype=types.UINT8)
+
+
+def moco_v2_view(images, size: int, crop_scale_min: float):
+    """One MoCo v2 view: random resized crop, colour jitter, grayscale, blur, flip; uint8 CHW."""
+    view = fn.random_resized_crop(images, size=[size, size], random_area=[crop_scale_min, 1.0],
+                                  random_aspect_ratio=[3 / 4, 4 / 3])
+    view = color_jitter_and_grayscale(view)
+    view = gaussian_blur(view)
+    return fn.crop_mirror_normalize(view, mirror=fn.random.coin_flip(probability=0.5), dtype=types.UINT8,
+                                    output_layout="CHW", mean=[0.0], std=[1.0])
+
+
+def eval_view(images, size: int):
+    """Resize the shorter side to 256/224 * size, centre crop ``size``; uint8 CHW."""
+    images = fn.resize(images, resize_shorter=round(size * 256 / 224))
+    return fn.crop_mirror_normalize(images, crop=[size, size], dtype=types.UINT8, output_layout="CHW",
+                                    mean=[0.0], std=[1.0])
+
+
+@dataclass(frozen=True)
+class PipelineSpec:
+    """What every pipeline of a rank shares."""
+
+    image_size: int
+    shard_id: int
+    num_shards: int
+    device_id: int | None  # None: CPU-only pipeline
+    num_threads: int = 2
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device_id is not None
+
+
+def train_pipeline(domain: Domain, spec: PipelineSpec, batch_size: int, seed: int, initial_fill: int,
+                   crop_scale_min: float = 0.2):
+    """Reads one training domain (this rank's shard), outputs (view1, view2, label, index)."""
+
+    @pipeline_def(batch_size=batch_size, num_threads=spec.num_threads, device_id=spec.device_id, seed=seed,
+                  prefetch_queue_depth=2, exec_dynamic=True)
+    def pipe():
+        encoded, label, index = _reader(domain, spec.shard_id, spec.num_shards, True, initial_fill, seed)
+        images = _decode(encoded, spec.on_gpu)
+        v1 = moco_v2_view(images, spec.image_size, crop_scale_min)
+        v2 = moco_v2_view(images, spec.image_size, crop_scale_min)
+        return v1, v2, label, index
+
+    p = pipe()
+    p.build()
+    return p
+
+
+def eval_pipeline(domain: Domain, spec: PipelineSpec, batch_size: int):
+    """Reads one domain in order (this rank's shard, padded), outputs (image, label, index)."""
+
+    @pipeline_def(batch_size=batch_size, num_threads=spec.num_threads, device_id=spec.device_id, seed=0,
+                  exec_dynamic=True)
+    def pipe():
+        encoded, label, index = _reader(domain, spec.shard_id, spec.num_shards, False, 1, 0)
+        images = _decode(encoded, spec.on_gpu)
+        return eval_view(images, spec.image_size), label, index
+
+    p = pipe()
+    p.build()
+    return p

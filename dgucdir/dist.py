@@ -1,0 +1,88 @@
+"""Small torch.distributed helpers that work the same with one process, gloo and NCCL."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+@torch.no_grad()
+def all_gather(x: torch.Tensor) -> torch.Tensor:
+    """Concatenates equal-shaped tensors of all ranks along dim 0 (rank order), no autograd."""
+    if not is_distributed():
+        return x
+    parts = [torch.empty_like(x) for _ in range(world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums every rank's gradient for this rank's slice.
+
+    The backward is an all-reduce plus a slice rather than a reduce-scatter, because gloo has
+    no reduce-scatter; the result is the same.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # noqa: D401
+        ctx.n = x.shape[0]
+        return all_gather(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        r = rank()
+        return grad[r * ctx.n : (r + 1) * ctx.n]
+
+
+def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Differentiable all-gather along dim 0 (identity with one process)."""
+    return _AllGatherWithGrad.apply(x) if is_distributed() else x
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    if is_distributed():
+        dist.all_reduce(x)
+    return x
+
+
+def broadcast(x: torch.Tensor, src: int) -> torch.Tensor:
+    if is_distributed():
+        dist.broadcast(x, src)
+    return x
+
+
+def gather_variable(x: torch.Tensor, to_all_ranks: bool = True) -> torch.Tensor:
+    """Concatenates tensors whose first dimension differs by rank (pads, gathers, trims).
+
+    With ``to_all_ranks=False`` only rank 0 receives the result (others get ``x`` back), so
+    the other ranks never hold everything.
+    """
+    if not is_distributed():
+        return x
+    n = torch.tensor([x.shape[0]], device=x.device)
+    sizes = all_gather(n).tolist()
+    padded = torch.zeros((max(sizes), *x.shape[1:]), dtype=x.dtype, device=x.device)
+    padded[: x.shape[0]] = x
+    if to_all_ranks:
+        parts = all_gather(padded).split(max(sizes))
+    else:
+        bufs = [torch.empty_like(padded) for _ in sizes] if rank() == 0 else None
+        dist.gather(padded, bufs, dst=0)
+        if rank() != 0:
+            return x
+        parts = bufs
+    return torch.cat([p[:s] for p, s in zip(parts, sizes)])

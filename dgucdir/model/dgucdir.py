@@ -1,0 +1,143 @@
+"""The DG-UCDIR module: query/key encoders, momentum update, shuffle-BN, the five losses.
+
+Shaped after MoCo's builder: each mechanism is one short method. ``forward`` returns named
+losses and accuracies (no positional slicing of concatenated logits) and enqueues the new
+keys after the loss. The original also computed 2048-d queue logits that never reached its
+loss; that dead work is not reproduced.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import dist
+from ..config import LossConfig, ModelConfig
+from ..data.loader import Batch, derive_seed
+from .encoder import Encoder
+from .queue import ShardedQueue, sample_ids
+
+
+@dataclass
+class ClusterTargets:
+    """Centroids (k, feature_dim) and each batch sample's cluster id (B,)."""
+
+    centroids: torch.Tensor
+    assignments: torch.Tensor
+
+
+class DGUCDIR(nn.Module):
+    def __init__(self, model_cfg: ModelConfig, loss_cfg: LossConfig, n_domains: int, rank_batch: int,
+                 device: torch.device, seed: int = 0) -> None:
+        super().__init__()
+        self.model_cfg = model_cfg
+        self.loss_cfg = loss_cfg
+        self.encoder_q = Encoder(model_cfg.arch, model_cfg.proj_dim)
+        self.encoder_k = copy.deepcopy(self.encoder_q)
+        for p in self.encoder_k.parameters():
+            p.requires_grad_(False)
+        self.n_domains = n_domains
+        queue_domains = 1 if loss_cfg.shared_queue else n_domains
+        per_domain = rank_batch if loss_cfg.shared_queue else rank_batch // n_domains
+        self.rgb_queue = ShardedQueue(queue_domains, loss_cfg.queue_size, model_cfg.proj_dim, per_domain, device, seed)
+        self.phase_queue = None if model_cfg.rgb_only else ShardedQueue(
+            queue_domains, loss_cfg.queue_size, model_cfg.proj_dim, per_domain, device, seed + 1)
+        self.step = 0  # drives the shuffle-BN permutation; saved with the training state
+
+    @property
+    def feature_dim(self) -> int:
+        return self.encoder_q.feature_dim
+
+    @torch.no_grad()
+    def momentum_update(self) -> None:
+        """key = m * key + (1 - m) * query, parameters only (BN statistics are the key encoder's own)."""
+        m = self.model_cfg.momentum
+        k_params = list(self.encoder_k.parameters())
+        torch._foreach_mul_(k_params, m)
+        torch._foreach_add_(k_params, [p.detach() for p in self.encoder_q.parameters()], alpha=1 - m)
+
+    @torch.no_grad()
+    def shuffled_keys(self, x: torch.Tensor) -> torch.Tensor:
+        """Key projections computed on a batch shuffled across ranks (shuffle-BN), in original order.
+
+        The permutation comes from a generator seeded by the step, identical on every rank, so
+        no broadcast is needed and a resumed run shuffles exactly as the uninterrupted one.
+        """
+        if not dist.is_distributed():
+            return self.encoder_k(x)[0]
+        n = x.shape[0]
+        x_all = dist.all_gather(x)
+        gen = torch.Generator().manual_seed(derive_seed("shuffle-bn", self.step))
+        perm = torch.randperm(x_all.shape[0], generator=gen).to(x.device)
+        r = dist.rank()
+        k_shuffled = dist.all_gather(self.encoder_k(x_all[perm[r * n : (r + 1) * n]])[0])
+        k_all = torch.empty_like(k_shuffled)
+        k_all[perm] = k_shuffled
+        return k_all[r * n : (r + 1) * n]
+
+    def _prep(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.model_cfg.channels_last else x
+
+    def forward(self, batch: Batch, clusters: ClusterTargets | None = None) -> dict[str, torch.Tensor]:
+        cfg = self.loss_cfg
+        T = cfg.temperature
+        rgb_only = self.model_cfg.rgb_only
+        B = len(batch)
+        queue_domain = torch.zeros_like(batch.domain) if cfg.shared_queue else batch.domain
+        ids = sample_ids(batch.domain, batch.index)
+
+        q_in = batch.q_rgb if rgb_only else torch.cat([batch.q_phase, batch.q_rgb])
+        q, pooled = self.encoder_q(self._prep(q_in))
+        with torch.no_grad():
+            self.momentum_update()
+            k_in = batch.k_rgb if rgb_only else torch.cat([batch.k_phase, batch.k_rgb])
+            k = self.shuffled_keys(self._prep(k_in))
+
+        out: dict[str, torch.Tensor] = {}
+        if rgb_only:
+            q_rgb, k_rgb = q, k
+            terms = {"rgb_rgb": (q_rgb, k_rgb, self.rgb_queue, cfg.w_rgb_rgb)}
+        else:
+            q_phase, q_rgb = q[:B], q[B:]
+            k_phase, k_rgb = k[:B], k[B:]
+            terms = {
+                "phase_phase": (q_phase, k_phase, self.phase_queue, cfg.w_phase_phase),
+                "rgb_rgb": (q_rgb, k_rgb, self.rgb_queue, cfg.w_rgb_rgb),
+                "phase_rgb": (q_phase, k_rgb, self.phase_queue, cfg.w_phase_rgb),
+                "rgb_phase": (q_rgb, k_phase, self.rgb_queue, cfg.w_rgb_phase),
+            }
+        total = q.new_zeros((), dtype=torch.float32)
+        for name, (query, key, queue, weight) in terms.items():
+            res = queue.infonce(query, key, queue_domain, ids, T)
+            out[f"loss_{name}"] = res.loss
+            out[f"acc_{name}"] = res.accuracy
+            total = total + weight * res.loss
+        if clusters is not None and cfg.cluster:
+            targets = clusters.assignments.repeat(pooled.shape[0] // B)
+            logits = pooled.float() @ clusters.centroids.float().T  # no temperature, as the original
+            out["loss_cluster"] = F.cross_entropy(logits, targets)
+            out["acc_cluster"] = (logits.argmax(1) == targets).float().mean()
+            total = total + cfg.cluster_weight * out["loss_cluster"]
+        out["loss"] = total
+
+        self.rgb_queue.enqueue(k_rgb, ids, queue_domain)
+        if not rgb_only:
+            self.phase_queue.enqueue(k_phase, ids, queue_domain)
+        self.step += 1
+        return out
+
+    def queues_state(self) -> dict:
+        state = {"rgb": self.rgb_queue.state_dict(), "step": self.step}
+        if self.phase_queue is not None:
+            state["phase"] = self.phase_queue.state_dict()
+        return state
+
+    def load_queues_state(self, state: dict) -> None:
+        self.rgb_queue.load_state_dict(state["rgb"])
+        if self.phase_queue is not None:
+            self.phase_queue.load_state_dict(state["phase"])
+        self.step = state["step"]

@@ -1,0 +1,239 @@
+"""Cross-domain retrieval: features, exact metrics computed in chunks, tables and pictures.
+
+Metrics for a query domain -> gallery domain pair, with cosine similarity:
+- P@K: K is capped at the number of gallery items of the query's class (K' = min(K, n_rel)),
+  micro-averaged over queries as the original does: sum of hits in the top K' / sum of K'.
+- mAP@All: mean over queries of the standard average precision over the full ranking.
+- mAP@K: mean over queries of sum_{j<=K, rel_j} P(j) / min(K, n_rel).
+Queries whose class has no gallery item are left out (their K' and AP are undefined).
+
+Rankings are computed per chunk of queries with a stable sort, so ties go to the lower gallery
+index, deterministically; no N x N matrix is ever held.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+from . import dist
+from .data.fourier import normalize
+from .data.loader import eval_batches
+from .data.manifest import Domain, Manifest
+from .data.pipeline import PipelineSpec
+
+log = logging.getLogger(__name__)
+
+CHUNK_BYTES = 512 * 2**20  # working memory per query chunk; ~24 bytes per (query, gallery) entry
+
+
+@dataclass
+class PairMetrics:
+    query: str
+    gallery: str
+    precision: dict[int, float]
+    map_all: float
+    map_k: float
+    n_queries: int
+
+    def as_dict(self, map_k: int) -> dict[str, float]:
+        out = {f"P@{k}": v for k, v in self.precision.items()}
+        out["mAP@All"] = self.map_all
+        out[f"mAP@{map_k}"] = self.map_k
+        return out
+
+
+def retrieval_metrics(q_feat: torch.Tensor, q_lab: torch.Tensor, g_feat: torch.Tensor, g_lab: torch.Tensor,
+                      topk: list[int], map_k: int, chunk_size: int = 1024) -> tuple[dict[int, float], float, float, int]:
+    """(P@K per K, mAP@All, mAP@map_k, number of scored queries); features need not be normalised."""
+    q_feat = F.normalize(q_feat.float(), dim=1)
+    g_feat = F.normalize(g_feat.float(), dim=1)
+    n_gallery = g_feat.shape[0]
+    n_classes = int(max(q_lab.max(), g_lab.max())) + 1
+    n_rel_of_class = torch.bincount(g_lab, minlength=n_classes)
+    chunk = max(1, min(chunk_size, CHUNK_BYTES // (24 * max(n_gallery, 1))))
+    hits = torch.zeros(len(topk), dtype=torch.float64)
+    denom = torch.zeros(len(topk), dtype=torch.float64)
+    ap_sum = ap_k_sum = 0.0
+    scored = 0
+    positions = torch.arange(1, n_gallery + 1, device=g_feat.device, dtype=torch.float32)
+    for start in range(0, q_feat.shape[0], chunk):
+        ql = q_lab[start : start + chunk]
+        n_rel = n_rel_of_class[ql]
+        keep = n_rel > 0
+        if not keep.any():
+            continue
+        ql, n_rel = ql[keep], n_rel[keep]
+        sims = q_feat[start : start + chunk][keep] @ g_feat.T
+        order = torch.sort(sims, dim=1, descending=True, stable=True).indices
+        del sims
+        rel = g_lab[order] == ql[:, None]
+        del order
+        cum = rel.cumsum(1, dtype=torch.int32)
+        for i, k in enumerate(topk):
+            k_eff = n_rel.clamp(max=k)
+            hits[i] += float(cum.gather(1, (k_eff - 1)[:, None]).sum())
+            denom[i] += float(k_eff.sum())
+        prec_at_rel = torch.where(rel, cum.float() / positions, 0.0)
+        ap_sum += float((prec_at_rel.sum(1) / n_rel).sum())
+        ap_k_sum += float((prec_at_rel[:, :map_k].sum(1) / n_rel.clamp(max=map_k)).sum())
+        scored += int(keep.sum())
+    scored_div = max(scored, 1)
+    precision = {k: float(hits[i] / max(denom[i], 1)) for i, k in enumerate(topk)}
+    return precision, ap_sum / scored_div, ap_k_sum / scored_div, scored
+
+
+# --------------------------------------------------------------------------- features
+@torch.no_grad()
+def embed_local(encoder: torch.nn.Module, domain: Domain, spec: PipelineSpec, batch_size: int,
+                device: torch.device, transform=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """This rank's shard of ``domain``: (L2-normalised pooled features, labels, indices within the domain).
+
+    ``transform`` maps uint8 images to the encoder's input (default: ImageNet normalisation; the
+    trainer passes phase images for clustering). Runs under bf16 autocast on a GPU.
+    """
+    feats, labels, indices = [], [], []
+    for images, label, index in eval_batches(domain, spec, batch_size, device):
+        x = transform(images) if transform is not None else normalize(images)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            feats.append(F.normalize(encoder.pooled(x).float(), dim=1))
+        labels.append(label)
+        indices.append(index)
+    if not feats:
+        empty = torch.zeros(0, dtype=torch.long, device=device)
+        return torch.zeros(0, encoder.feature_dim, device=device), empty, empty
+    return torch.cat(feats), torch.cat(labels), torch.cat(indices)
+
+
+def extract_features(encoder: torch.nn.Module, domain: Domain, spec: PipelineSpec, batch_size: int,
+                     device: torch.device, to_all_ranks: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features and labels of every sample of ``domain`` in dataset order, on every rank (or rank 0 only).
+
+    Each rank embeds its shard; the pieces are gathered and put back in order by their index
+    within the domain. Ranks other than 0 get empty tensors when ``to_all_ranks`` is False.
+    """
+    local = embed_local(encoder, domain, spec, batch_size, device)
+    f_all, l_all, i_all = (dist.gather_variable(t, to_all_ranks) for t in local)
+    if not to_all_ranks and dist.rank() != 0:
+        return local[0][:0], local[1][:0]
+    if i_all.numel() != domain.count or not torch.equal(torch.sort(i_all).values, torch.arange(domain.count, device=device)):
+        raise RuntimeError(f"eval of {domain.name}: got {i_all.numel()} samples, expected each of {domain.count} once")
+    out_f = torch.empty_like(f_all)
+    out_l = torch.empty_like(l_all)
+    out_f[i_all] = f_all
+    out_l[i_all] = l_all
+    return out_f, out_l
+
+
+# --------------------------------------------------------------------------- reports
+@dataclass
+class EvalReport:
+    domains: list[str]
+    topk: list[int]
+    map_k: int
+    pairs: list[PairMetrics] = field(default_factory=list)
+
+    def metric_names(self) -> list[str]:
+        return [f"P@{k}" for k in self.topk] + ["mAP@All", f"mAP@{self.map_k}"]
+
+    def mean(self) -> dict[str, float]:
+        names = self.metric_names()
+        return {n: sum(p.as_dict(self.map_k)[n] for p in self.pairs) / len(self.pairs) for n in names}
+
+    def flat_metrics(self) -> dict[str, float]:
+        """{'ink_to_neon/P@1': ..., 'mean/P@1': ...}, e.g. for MLflow."""
+        out = {f"{p.query}_to_{p.gallery}/{n}": v for p in self.pairs for n, v in p.as_dict(self.map_k).items()}
+        out.update({f"mean/{n}": v for n, v in self.mean().items()})
+        return out
+
+    def markdown(self) -> str:
+        lookup = {(p.query, p.gallery): p.as_dict(self.map_k) for p in self.pairs}
+        blocks = []
+        mean = self.mean()
+        for name in self.metric_names():
+            head = f"| {name} (query \\ gallery) | " + " | ".join(self.domains) + " | row mean |"
+            rows = [head, "|" + "---|" * (len(self.domains) + 2)]
+            for q in self.domains:
+                vals = [lookup[(q, g)][name] for g in self.domains if g != q]
+                cells = ["—" if g == q else f"{100 * lookup[(q, g)][name]:.2f}" for g in self.domains]
+                rows.append(f"| {q} | " + " | ".join(cells) + f" | {100 * sum(vals) / len(vals):.2f} |")
+            rows.append(f"\n**mean {name} over {len(self.pairs)} ordered pairs: {100 * mean[name]:.2f}**")
+            blocks.append("\n".join(rows))
+        return "\n\n".join(blocks) + "\n"
+
+    def to_json(self) -> str:
+        return json.dumps({"domains": self.domains, "pairs": [{"query": p.query, "gallery": p.gallery,
+                           "n_queries": p.n_queries, **p.as_dict(self.map_k)} for p in self.pairs],
+                           "mean": self.mean()}, indent=1)
+
+    def save(self, out_dir: Path, stem: str = "retrieval") -> list[Path]:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        md, js = out_dir / f"{stem}.md", out_dir / f"{stem}.json"
+        md.write_text(self.markdown())
+        js.write_text(self.to_json() + "\n")
+        return [md, js]
+
+
+def thumbnail(domain: Domain, record, size: int = 72) -> Image.Image:
+    with Image.open(io.BytesIO(domain.read_image_bytes(record))) as img:
+        return img.convert("RGB").resize((size, size), Image.BILINEAR)
+
+
+def retrieval_picture(q_domain: Domain, g_domain: Domain, q_feat: torch.Tensor, q_lab: torch.Tensor,
+                      g_feat: torch.Tensor, g_lab: torch.Tensor, n_queries: int, topk: int, seed: int = 0,
+                      size: int = 72) -> Image.Image:
+    """Rows: a query (blue frame) then its top-k gallery items, framed green if correct, red if not."""
+    gen = torch.Generator().manual_seed(seed)
+    picks = torch.randperm(q_feat.shape[0], generator=gen)[:n_queries].tolist()
+    q_rec, g_rec = q_domain.samples(), g_domain.samples()
+    pad = 4
+    canvas = Image.new("RGB", ((topk + 1) * (size + 2 * pad) + 8, len(picks) * (size + 2 * pad)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for row, qi in enumerate(picks):
+        sims = F.normalize(g_feat.float(), dim=1) @ F.normalize(q_feat[qi].float(), dim=0)
+        top = torch.sort(sims, descending=True, stable=True).indices[:topk].tolist()
+        y = row * (size + 2 * pad)
+        tiles = [(thumbnail(q_domain, q_rec[qi], size), "blue")]
+        tiles += [(thumbnail(g_domain, g_rec[gi], size), "green" if g_lab[gi] == q_lab[qi] else "red") for gi in top]
+        for col, (tile, color) in enumerate(tiles):
+            x = col * (size + 2 * pad) + (8 if col else 0)
+            draw.rectangle([x, y, x + size + 2 * pad - 1, y + size + 2 * pad - 1], fill=color)
+            canvas.paste(tile, (x + pad, y + pad))
+    return canvas
+
+
+def evaluate(encoder: torch.nn.Module, manifest: Manifest, domains: list[str], spec: PipelineSpec,
+             batch_size: int, topk: list[int], map_k: int, chunk_size: int, device: torch.device,
+             out_dir: Path | None = None, picture_queries: int = 0, picture_topk: int = 8,
+             stem: str = "retrieval") -> tuple[EvalReport, list[Path]]:
+    """Embeds every domain once, scores every ordered pair, saves tables (and pictures) on rank 0."""
+    manifest.check_domains(domains, "eval domains")
+    was_training = encoder.training
+    encoder.eval()
+    feats = {d: extract_features(encoder, manifest.domain(d), spec, batch_size, device) for d in domains}
+    encoder.train(was_training)
+    report = EvalReport(list(domains), list(topk), map_k)
+    for q in domains:
+        for g in domains:
+            if q == g:
+                continue
+            precision, map_all, map_at_k, n = retrieval_metrics(*feats[q], *feats[g], topk, map_k, chunk_size)
+            report.pairs.append(PairMetrics(q, g, precision, map_all, map_at_k, n))
+    files: list[Path] = []
+    if out_dir is not None and dist.rank() == 0:
+        files = report.save(out_dir, stem)
+        if picture_queries > 0:
+            for p in report.pairs:
+                pic = retrieval_picture(manifest.domain(p.query), manifest.domain(p.gallery), *feats[p.query],
+                                        *feats[p.gallery], picture_queries, picture_topk)
+                path = out_dir / f"{stem}_{p.query}_to_{p.gallery}.png"
+                pic.save(path)
+                files.append(path)
+    return report, files
