@@ -91,6 +91,7 @@ class TrainConfig:
     eval_every: int = 10
     log_every: int = 10
     max_steps_per_epoch: int | None = None
+    max_steps: int | None = None  # stop (with a checkpoint) after this many global steps; resume continues
 
 
 @dataclass
@@ -171,6 +172,7 @@ _VALUE_RULES: list[tuple[str, typing.Callable[[Any], bool], str]] = [
     ("train.eval_every", lambda v: v >= 1, "an integer >= 1"),
     ("train.log_every", lambda v: v >= 1, "an integer >= 1"),
     ("train.max_steps_per_epoch", lambda v: v is None or v >= 1, "null or an integer >= 1"),
+    ("train.max_steps", lambda v: v is None or v >= 1, "null or an integer >= 1"),
     ("eval.topk", lambda v: len(v) >= 1 and all(k >= 1 for k in v), "a non-empty list of integers >= 1"),
     ("eval.map_k", lambda v: v >= 1, "an integer >= 1"),
     ("eval.batch_size", lambda v: v >= 1, "an integer >= 1"),

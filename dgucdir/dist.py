@@ -86,3 +86,10 @@ def gather_variable(x: torch.Tensor, to_all_ranks: bool = True) -> torch.Tensor:
             return x
         parts = bufs
     return torch.cat([p[:s] for p, s in zip(parts, sizes)])
+
+
+def comm_device() -> torch.device:
+    """Where tensors for collectives must live: the GPU under NCCL, the CPU otherwise."""
+    if is_distributed() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

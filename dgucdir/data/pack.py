@@ -21,6 +21,7 @@ import random
 import tarfile
 import time
 import warnings
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,11 +108,15 @@ def read_tree(root: Path) -> tuple[dict[str, list[Item]], list[str]]:
 
 
 def class_names_from_paths(items: list[Item], n_classes: int) -> list[str]:
-    """Names class k after the parent folder of its images, when that is unambiguous."""
-    seen: dict[int, set[str]] = {}
+    """Names class k after the folder most of its images sit in (DomainNet's domain/class/x.jpg)."""
+    votes: dict[int, Counter] = {}
     for it in items:
-        seen.setdefault(it.label, set()).add(Path(it.rel).parent.name)
-    return [next(iter(seen[k])) if len(seen.get(k, ())) == 1 and next(iter(seen[k])) else f"class_{k}" for k in range(n_classes)]
+        votes.setdefault(it.label, Counter())[Path(it.rel).parent.name] += 1
+    names = []
+    for k in range(n_classes):
+        best = votes[k].most_common(1)[0][0] if k in votes else ""
+        names.append(best or f"class_{k}")
+    return names
 
 
 # --------------------------------------------------------------------------- validation

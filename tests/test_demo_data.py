@@ -1,0 +1,42 @@
+"""The embedded demo dataset: four domains, disjoint sources, balanced labels, packed shards."""
+
+import numpy as np
+from PIL import Image
+
+from dgucdir.data.demo import DOMAINS, split_disjoint
+from dgucdir.data.manifest import Manifest
+
+
+def test_split_is_disjoint_complete_and_stratified():
+    labels = np.repeat(np.arange(10), 37)
+    parts = split_disjoint(labels, 4, seed=0)
+    joined = np.concatenate(parts)
+    assert len(joined) == len(labels) == len(set(joined.tolist()))
+    for p in parts:
+        counts = np.bincount(labels[p], minlength=10)
+        assert counts.max() - counts.min() <= 1
+
+
+def test_demo_domains_are_disjoint_balanced_and_distinct(demo_root, demo_manifest):
+    m = Manifest.load(demo_manifest)
+    assert list(m.domains) == list(DOMAINS) and m.classes == [str(i) for i in range(10)]
+    sources = {}
+    for name, dom in m.domains.items():
+        recs = dom.samples()
+        sources[name] = {r.source.rsplit("/", 1)[1] for r in recs}  # the source digit's number
+        assert dom.count == len(recs) >= 440
+        assert max(dom.class_counts) - min(dom.class_counts) <= 2
+        assert sum(dom.class_counts) == dom.count
+    names = list(sources)
+    assert sum(len(s) for s in sources.values()) == 1797
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            assert not sources[a] & sources[b]
+    # the domains look different: mean brightness and colourfulness separate them
+    stats = {}
+    for name, dom in m.domains.items():
+        imgs = [np.asarray(Image.open(demo_root / "images" / r.source), np.float32) for r in dom.samples()[:40]]
+        arr = np.stack(imgs)
+        stats[name] = (arr.mean(), arr.std(axis=3).mean())
+    assert stats["ink"][0] > 150 and stats["neon"][0] < 80 and stats["sketch"][0] > 200
+    assert stats["neon"][1] > stats["sketch"][1] + 10
