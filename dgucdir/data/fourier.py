@@ -20,7 +20,7 @@ import torch
 
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
-GRAY_WEIGHTS = (0.299, 0.587, 0.114)
+GRAY_WEIGHTS_PER_MILLE = (299, 587, 114)  # PIL's "L" weights; integer so the truncation is exact
 # float32 FFT round trips land up to ~1e-4 below an integer (measured up to 512x512); without
 # this guard truncation would turn an unchanged 255 into 254 and lambda = 0 would not be identity.
 ROUNDOFF_GUARD = 1e-3
@@ -63,8 +63,12 @@ class FourierAugment:
 
     @torch.autocast("cuda", enabled=False)
     @torch.autocast("cpu", enabled=False)
-    def mix(self, x: torch.Tensor, p: torch.Tensor, lam_a: torch.Tensor, lam_p: torch.Tensor) -> torch.Tensor:
-        """Mixes views ``x`` with partners ``p`` (B,C,H,W in [0,255]); returns integer-valued float32."""
+    def mix(self, x: torch.Tensor, p: torch.Tensor, lam_a: torch.Tensor, lam_p: torch.Tensor,
+            quantize: bool = True) -> torch.Tensor:
+        """Mixes views ``x`` with partners ``p`` (B,C,H,W in [0,255]); returns integer-valued float32.
+
+        ``quantize=False`` returns the real inverse transform before clipping and truncation.
+        """
         x = x.float()
         p = p.float()
         B, C, H, W = x.shape
@@ -87,7 +91,7 @@ class FourierAugment:
         else:
             spec = torch.polar(amp, phase_x)
         out = torch.fft.irfft2(spec, s=(H, W))
-        return out.add_(ROUNDOFF_GUARD).clamp_(0, 255).trunc_()
+        return out.add_(ROUNDOFF_GUARD).clamp_(0, 255).trunc_() if quantize else out
 
     @torch.autocast("cuda", enabled=False)
     @torch.autocast("cpu", enabled=False)
@@ -95,8 +99,9 @@ class FourierAugment:
         """Grayscale phase-only reconstruction of ``x`` (B,3,H,W in [0,255]) as 3 equal channels."""
         x = x.float()
         H, W = x.shape[-2:]
-        wr, wg, wb = GRAY_WEIGHTS
-        gray = (wr * x[:, 0] + wg * x[:, 1] + wb * x[:, 2]).trunc()
+        wr, wg, wb = GRAY_WEIGHTS_PER_MILLE
+        # exact in float32 for integer pixels (sums < 2**24): no 99.99999 -> 99 truncation flips
+        gray = torch.div(wr * x[:, 0] + wg * x[:, 1] + wb * x[:, 2], 1000, rounding_mode="floor")
         f = torch.fft.rfft2(gray)
         spec = torch.polar(torch.full_like(f.real, self.phase_amplitude), f.angle())
         out = torch.fft.irfft2(spec, s=(H, W)).add_(ROUNDOFF_GUARD).clamp_(0, 255).trunc_()

@@ -31,6 +31,7 @@ def _reader(domain: Domain, shard_id: int, num_shards: int, shuffle: bool, initi
         random_shuffle=shuffle,
         initial_fill=initial_fill,
         pad_last_batch=not shuffle,
+        stick_to_shard=True,  # wrap-around stays in this rank's shard: ranks never overlap
         seed=seed,
         name=READER_NAME,
     )
@@ -77,11 +78,16 @@ def gaussian_blur(images, p: float = 0.5, sigma_range: tuple[float, float] = (0.
 
 
 def moco_v2_view(images, size: int, crop_scale_min: float):
-    """One MoCo v2 view: random resized crop, colour jitter, grayscale, blur, flip; uint8 CHW."""
+    """One MoCo v2 view: random resized crop, colour jitter, grayscale, blur, flip; uint8 CHW.
+
+    The blur's sigma range [0.1, 2] is MoCo v2's at 224 px (SimCLR: a kernel of 10% of the
+    image); it is scaled with ``size`` so that small images are not blurred out of recognition.
+    """
     view = fn.random_resized_crop(images, size=[size, size], random_area=[crop_scale_min, 1.0],
                                   random_aspect_ratio=[3 / 4, 4 / 3])
     view = color_jitter_and_grayscale(view)
-    view = gaussian_blur(view)
+    scale = size / 224
+    view = gaussian_blur(view, sigma_range=(0.1 * scale, 2.0 * scale))
     return fn.crop_mirror_normalize(view, mirror=fn.random.coin_flip(probability=0.5), dtype=types.UINT8,
                                     output_layout="CHW", mean=[0.0], std=[1.0])
 

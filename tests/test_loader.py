@@ -1,0 +1,105 @@
+"""DALI pipelines and the domain-balanced loader on the CPU."""
+
+import math
+
+import numpy as np
+import torch
+
+from dgucdir.data.fourier import FourierAugment
+from dgucdir.data.loader import MultiDomainLoader, eval_batches, per_rank_batch, random_derangement
+from dgucdir.data.manifest import Manifest
+from dgucdir.data.pipeline import PipelineSpec, train_pipeline
+
+CPU = torch.device("cpu")
+
+
+def _loader(manifest, rank=0, world=1, seed=0, batch=16, size=48):
+    return MultiDomainLoader(Manifest.load(manifest), ["ink", "photo"], batch, PipelineSpec(size, rank, world, None, 1),
+                             FourierAugment(hpf_range=10), seed, CPU, shuffle_buffer=128)
+
+
+def test_batches_are_balanced_shaped_and_cover_every_index(demo_manifest):
+    loader = _loader(demo_manifest)
+    m = Manifest.load(demo_manifest)
+    counts = {0: m.domain("ink").count, 1: m.domain("photo").count}
+    assert loader.steps_per_epoch == math.ceil(max(counts.values()) / 8)
+    seen = {0: set(), 1: set()}
+    for b in loader.epoch(0):
+        assert b.q_rgb.shape == b.k_rgb.shape == b.q_phase.shape == b.k_phase.shape == (16, 3, 48, 48)
+        assert b.q_rgb.dtype == torch.float32
+        assert torch.bincount(b.domain, minlength=2).tolist() == [8, 8]
+        for t in (b.q_rgb, b.k_rgb, b.q_phase):  # normalised [0,255] images
+            assert t.min() >= -2.2 and t.max() <= 2.7
+        assert torch.equal(b.q_phase[:, 0], b.q_phase[:, 0])
+        for d in (0, 1):
+            seen[d] |= set(b.index[b.domain == d].tolist())
+    for d in (0, 1):
+        assert seen[d] == set(range(counts[d]))
+
+
+def test_same_seed_same_batches_and_exact_start_step(demo_manifest):
+    a = [b for _, b in zip(range(4), _loader(demo_manifest, seed=3).epoch(2))]
+    b = [b for _, b in zip(range(4), _loader(demo_manifest, seed=3).epoch(2))]
+    c = list(_loader(demo_manifest, seed=3).epoch(2, start_step=2, num_steps=4))
+    d = [b for _, b in zip(range(1), _loader(demo_manifest, seed=4).epoch(2))]
+    for x, y in zip(a, b):
+        assert torch.equal(x.q_rgb, y.q_rgb) and torch.equal(x.k_phase, y.k_phase) and torch.equal(x.index, y.index)
+    for x, y in zip(a[2:], c):
+        assert torch.equal(x.q_rgb, y.q_rgb) and torch.equal(x.index, y.index)
+    assert not torch.equal(a[0].index, d[0].index)
+
+
+def test_two_ranks_read_disjoint_shards(demo_manifest):
+    idx = []
+    for rank in (0, 1):
+        loader = _loader(demo_manifest, rank=rank, world=2, batch=8)
+        seen = set()
+        for b in loader.epoch(0):
+            seen |= set((b.domain * 10000 + b.index).tolist())
+        idx.append(seen)
+    assert not idx[0] & idx[1]
+    m = Manifest.load(demo_manifest)
+    assert len(idx[0] | idx[1]) == m.domain("ink").count + m.domain("photo").count
+
+
+def test_eval_pipeline_each_sample_once_across_two_ranks_in_order(demo_manifest):
+    dom = Manifest.load(demo_manifest).domain("sketch")
+    per_rank = []
+    for rank in (0, 1):
+        got = [(img, lab, idx) for img, lab, idx in eval_batches(dom, PipelineSpec(40, rank, 2, None, 1), 64, CPU)]
+        imgs = torch.cat([g[0] for g in got])
+        assert imgs.shape[1:] == (3, 40, 40) and imgs.dtype == torch.uint8
+        per_rank.append(torch.cat([g[2] for g in got]).tolist())
+    assert len(per_rank[0]) + len(per_rank[1]) == dom.count
+    assert sorted(per_rank[0] + per_rank[1]) == list(range(dom.count))
+    labels = {r.index: r.label for r in dom.samples()}
+    _, lab, idx = next(eval_batches(dom, PipelineSpec(40, 0, 1, None, 1), 16, CPU))
+    assert [labels[i] for i in idx.tolist()] == lab.tolist()
+    assert abs(len(per_rank[0]) - len(per_rank[1])) <= 1
+
+
+def test_moco_views_are_augmented_and_the_grayscale_branch_happens(demo_manifest):
+    dom = Manifest.load(demo_manifest).domain("neon")
+    pipe = train_pipeline(dom, PipelineSpec(32, 0, 1, None, 1), 64, seed=5, initial_fill=64)
+    v1, v2, lab, idx = pipe.run()
+    a, b = np.array(v1.as_tensor()).astype(int), np.array(v2.as_tensor()).astype(int)
+    assert a.shape == (64, 3, 32, 32) and a.dtype == np.int64
+    assert np.abs(a - b).mean() > 10  # two independent views of the same samples differ
+    spread = (a.max(axis=1) - a.min(axis=1)).max(axis=(1, 2))  # largest channel difference per view
+    gray = spread <= 1  # DALI's saturation-0 rounds to within one level
+    assert 2 <= gray.sum() <= 30  # neon images are colourful: gray views come from p=0.2 grayscale
+    assert spread[~gray].min() > 30
+
+
+def test_batch_split_errors_before_training():
+    assert per_rank_batch(64, 2, 4) == 16
+    import pytest
+    with pytest.raises(ValueError, match="divisible by n_domains x world_size = 2 x 3 = 6"):
+        per_rank_batch(64, 2, 3)
+
+
+def test_random_derangement_has_no_fixed_points():
+    gen = torch.Generator().manual_seed(0)
+    for n in (2, 3, 17):
+        p = random_derangement(n, gen)
+        assert sorted(p.tolist()) == list(range(n)) and not (p == torch.arange(n)).any()

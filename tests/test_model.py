@@ -1,0 +1,142 @@
+"""The DG-UCDIR module: a full step on CPU with 1 and 2 gloo ranks, momentum rule, shuffle-BN."""
+
+import copy
+
+import torch
+
+from distributed import run_distributed
+
+B, SIZE = 8, 64
+
+
+def _model(rank_batch=B, **loss):
+    from dgucdir.config import LossConfig, ModelConfig
+    from dgucdir.model.dgucdir import DGUCDIR
+
+    torch.manual_seed(0)
+    return DGUCDIR(ModelConfig(arch="resnet_narrow", momentum=0.9), LossConfig(queue_size=32, **loss), 2, rank_batch,
+                   torch.device("cpu"))
+
+
+def _batch(seed, n=B):
+    from dgucdir.data.loader import Batch
+
+    g = torch.Generator().manual_seed(seed)
+    views = [torch.randn(n, 3, SIZE, SIZE, generator=g) for _ in range(4)]
+    return Batch(*views, torch.arange(n) % 2, torch.arange(n) + 100 * seed, torch.arange(n) % 5)
+
+
+def _step_checks(model, batch, clusters=None):
+    q_before = [p.detach().clone() for p in model.encoder_q.parameters()]
+    k_before = [p.detach().clone() for p in model.encoder_k.parameters()]
+    ptr_before = model.rgb_queue.ptr.clone()
+    out = model(batch, clusters)
+    out["loss"].backward()
+    names = {"loss", "loss_phase_phase", "loss_rgb_rgb", "loss_phase_rgb", "loss_rgb_phase"}
+    assert names <= set(out) and all(torch.isfinite(v) for v in out.values())
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.encoder_q.parameters())
+    assert all(p.grad is None for p in model.encoder_k.parameters())
+    m = model.model_cfg.momentum
+    for kb, qb, k in zip(k_before, q_before, model.encoder_k.parameters()):
+        torch.testing.assert_close(k, m * kb + (1 - m) * qb, rtol=0, atol=1e-6)
+    assert (model.rgb_queue.ptr - ptr_before).remainder(model.rgb_queue.shard_size).tolist() == [B // 2, B // 2]
+    return out
+
+
+def test_one_rank_step_losses_grads_momentum_and_queue():
+    from dgucdir.model.dgucdir import ClusterTargets
+
+    model = _model()
+    out = _step_checks(model, _batch(1))
+    assert "loss_cluster" not in out
+    expected = 0.5 * (out["loss_phase_phase"] + out["loss_rgb_rgb"] + out["loss_phase_rgb"] + out["loss_rgb_phase"])
+    torch.testing.assert_close(out["loss"], expected)
+    model.zero_grad()
+    centroids = torch.nn.functional.normalize(torch.randn(3, model.feature_dim), dim=1)
+    out = _step_checks(model, _batch(2), ClusterTargets(centroids, torch.arange(B) % 3))
+    # cluster loss: cross-entropy of [q.c_own, q.c_other...] with no temperature, weight 0.1
+    assert 0 < float(out["loss_cluster"].detach()) < 2 * torch.log(torch.tensor(3.0)) + 2
+    contrast = 0.5 * (out["loss_phase_phase"] + out["loss_rgb_rgb"] + out["loss_phase_rgb"] + out["loss_rgb_phase"])
+    torch.testing.assert_close(out["loss"], contrast + 0.1 * out["loss_cluster"])
+
+
+def test_rgb_only_and_shared_queue_ablations():
+    from dgucdir.config import LossConfig, ModelConfig
+    from dgucdir.model.dgucdir import DGUCDIR
+
+    model = DGUCDIR(ModelConfig(arch="resnet_narrow", rgb_only=True), LossConfig(queue_size=32, shared_queue=True), 2, B,
+                    torch.device("cpu"))
+    assert model.phase_queue is None and model.rgb_queue.n_domains == 1
+    out = model(_batch(3))
+    assert set(out) == {"loss", "loss_rgb_rgb", "acc_rgb_rgb"}
+    assert int(model.rgb_queue.ptr[0]) == B
+
+
+def _two_rank_step():
+    from dgucdir import dist
+
+    model = _model()
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    batch = _batch(10 + dist.rank())
+    q_before = [p.detach().clone() for p in model.encoder_q.parameters()]
+    k_before = [p.detach().clone() for p in model.encoder_k.parameters()]
+    out = ddp(batch)
+    out["loss"].backward()
+    m = model.model_cfg.momentum
+    for kb, qb, k in zip(k_before, q_before, model.encoder_k.parameters()):
+        torch.testing.assert_close(k, m * kb + (1 - m) * qb, rtol=0, atol=1e-6)
+    assert all(p.grad is None for p in model.encoder_k.parameters())
+    grads = torch.cat([p.grad.flatten() for p in model.encoder_q.parameters()])
+    # shuffle-BN restores order: with BN on running statistics every key depends on its own
+    # input only, so the shuffled, gathered and unshuffled keys equal the direct computation
+    model.encoder_k.eval()
+    for buf in model.encoder_k.buffers():  # as DDP does at every forward: rank 0's BN statistics
+        dist.broadcast(buf, 0)
+    x = torch.randn(6, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(dist.rank()))
+    shuffled = model.shuffled_keys(x)
+    direct = model.encoder_k(x)[0]
+    return float(out["loss"].detach()), grads, (shuffled - direct).abs().max().item(), int(model.rgb_queue.ptr[0])
+
+
+def test_two_rank_step_with_ddp_and_shuffle_bn():
+    (loss0, g0, err0, ptr0), (loss1, g1, err1, ptr1) = run_distributed(_two_rank_step, 2)
+    assert torch.isfinite(torch.tensor([loss0, loss1])).all() and loss0 != loss1  # each rank its own queries
+    torch.testing.assert_close(g0, g1)  # DDP averaged the gradients
+    assert err0 < 1e-5 and err1 < 1e-5
+    assert ptr0 == ptr1 == B // 2
+
+
+def test_moco_checkpoint_loads_into_encoder(tmp_path):
+    import pytest
+    from dgucdir.model.encoder import Encoder, load_moco_v2
+
+    src = Encoder("resnet18")
+    state = {f"module.encoder_q.{k}": v for k, v in src.net.state_dict().items()}
+    state["module.queue"] = torch.zeros(128, 10)  # MoCo keeps its queue in the state_dict too
+    torch.save({"epoch": 800, "arch": "resnet18", "state_dict": state}, tmp_path / "moco.pth.tar")
+    dst = Encoder("resnet18")
+    missing, unexpected = load_moco_v2(dst, tmp_path / "moco.pth.tar")
+    assert missing == [] and unexpected == []
+    x = torch.randn(2, 3, 64, 64)
+    src.eval(), dst.eval()
+    torch.testing.assert_close(src(x)[1], dst(x)[1])
+    with pytest.raises(ValueError, match="do not fit this architecture"):
+        load_moco_v2(Encoder("resnet_narrow"), tmp_path / "moco.pth.tar")
+    torch.save({"model": {}}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a MoCo v2 checkpoint"):
+        load_moco_v2(dst, tmp_path / "other.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable PyTorch checkpoint"):
+        load_moco_v2(dst, tmp_path / "junk.pt")
+
+
+def test_encoder_outputs_are_normalised_with_the_right_widths():
+    from dgucdir.model.encoder import Encoder
+
+    for arch, width in [("resnet_narrow", 256), ("resnet18", 512)]:
+        enc = Encoder(arch)
+        proj, pooled = enc(torch.randn(2, 3, 64, 64))
+        assert proj.shape == (2, 128) and pooled.shape == (2, width) and enc.feature_dim == width
+        torch.testing.assert_close(proj.norm(dim=1), torch.ones(2))
+        torch.testing.assert_close(pooled.norm(dim=1), torch.ones(2))
+    assert Encoder("resnet50").feature_dim == 2048
