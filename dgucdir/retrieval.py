@@ -7,8 +7,8 @@ Metrics for a query domain -> gallery domain pair, with cosine similarity:
 - mAP@K: mean over queries of sum_{j<=K, rel_j} P(j) / min(K, n_rel).
 Queries whose class has no gallery item are left out (their K' and AP are undefined).
 
-Rankings are computed per chunk of queries with a stable sort, so ties go to the lower gallery
-index, deterministically; no N x N matrix is ever held.
+Rankings are computed per chunk of queries with a stable sort of similarities quantised to
+1e-6, so ties go to the lower gallery index, deterministically; no N x N matrix is ever held.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from .data.pipeline import PipelineSpec
 
 log = logging.getLogger(__name__)
 
+SIM_QUANTUM = 1e6  # similarities are compared at 1e-6 resolution (exact in fp32: < 2**24)
 CHUNK_BYTES = 512 * 2**20  # working memory per query chunk; ~24 bytes per (query, gallery) entry
 
 
@@ -72,6 +73,9 @@ def retrieval_metrics(q_feat: torch.Tensor, q_lab: torch.Tensor, g_feat: torch.T
             continue
         ql, n_rel = ql[keep], n_rel[keep]
         sims = q_feat[start : start + chunk][keep] @ g_feat.T
+        # Quantise to 1e-6: BLAS may round identical gallery vectors differently by position,
+        # which would break exact ties at random instead of towards the lower gallery index.
+        sims = sims.mul_(SIM_QUANTUM).round_()
         order = torch.sort(sims, dim=1, descending=True, stable=True).indices
         del sims
         rel = g_lab[order] == ql[:, None]

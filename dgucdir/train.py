@@ -239,11 +239,19 @@ class Trainer:
         out = self.out_dir / "eval" / tag
         report, files = evaluate(self.core.encoder_q, self.manifest, self.cfg.data.eval_domains, self.spec, ec.batch_size,
                                  ec.topk, ec.map_k, ec.chunk_size, self.device, out, ec.picture_queries, ec.picture_topk)
+        self._check_ranks_agree(report)
         self.tracker.log_metrics({f"eval/{k}": v for k, v in report.flat_metrics().items()}, self.global_step)
         self.tracker.log_artifacts(files, f"eval/{tag}")
         log.info("retrieval on unseen domains after %s: %s", tag,
                  ", ".join(f"{k} {100 * v:.2f}" for k, v in report.mean().items()))
         return report
+
+    def _check_ranks_agree(self, report: EvalReport) -> None:
+        """Every rank scores the same gathered features: a mismatch means a distributed bug."""
+        values = torch.tensor(list(report.flat_metrics().values()), dtype=torch.float64, device=dist.comm_device())
+        spread = dist.all_gather(values[None]).cpu()
+        if not torch.equal(spread.min(0).values, spread.max(0).values):
+            raise RuntimeError(f"ranks disagree on the retrieval metrics: {spread.tolist()}")
 
     # ------------------------------------------------------------------ training
     def _log_step(self, sums: dict[str, torch.Tensor], count: int, lr: float, t_start: float, wait_start: float) -> None:
