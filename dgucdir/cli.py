@@ -187,9 +187,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from launch import slurm
+    from .submit import main as submit_main
 
-    return slurm.main(args.rest)
+    return submit_main(args.rest)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,207 @@
+"""Submit dgucdir training to SLURM through submitit (`dgucdir submit`, `python -m launch.slurm`).
+
+One task per GPU (nodes x gpus_per_node tasks). Each task exports the torch.distributed
+environment from submitit's JobEnvironment (MASTER_ADDR = the job's first host, MASTER_PORT
+derived from the job id, RANK, LOCAL_RANK, WORLD_SIZE) and runs the same Trainer as
+`dgucdir train` - there is no second training loop. accelerate picks the environment up.
+
+Preemption and time limits:
+- `scontrol requeue` / preemption sends SIGTERM: the Trainer finishes its step, writes a
+  checkpoint and exits 0; SLURM starts the job again, which resumes from that checkpoint and
+  continues the same MLflow run.
+- Before the time limit SLURM sends USR2 (submitit's signal): every rank stops at the same step
+  boundary and checkpoints; then rank 0 hands over to submitit, which calls `checkpoint()`
+  (a DelayedSubmission of the same job) and requeues it.
+
+Examples:
+  python -m launch.slurm configs/pacs.yaml --nodes 2 --gpus-per-node 8 --partition gpu --time 1440
+  python -m launch.slurm configs/pacs.yaml --dry-run --nodes 2 --gpus-per-node 8
+  python -m launch.slurm configs/pacs.yaml --sweep "data.train_domains=[photo,sketch];[cartoon,art_painting]"
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import submitit
+
+from dgucdir.config import Config, ConfigError, load_config
+
+log = logging.getLogger("dgucdir.launch")
+
+
+class TrainJob:
+    """The picklable job submitit runs on every task."""
+
+    def __init__(self, config: str, overrides: Sequence[str]) -> None:
+        self.config = str(Path(config).resolve())
+        self.overrides = list(overrides)
+
+    def __call__(self) -> dict:
+        from dgucdir.train import Trainer
+
+        env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        os.environ.setdefault("LOCAL_WORLD_SIZE", str(env.local_world_size))
+        cfg = load_config(self.config, self.overrides)
+        trainer = Trainer(cfg, resume="latest")
+        requeue_handler = signal.getsignal(signal.SIGUSR2)  # submitit's: checkpoint() + requeue
+        usr2 = {"received": False}
+
+        def on_usr2(signum: int, frame: object) -> None:
+            usr2["received"] = True
+            trainer.stop.requested = True
+
+        trainer.stop.install()
+        signal.signal(signal.SIGUSR2, on_usr2)
+        finished = trainer.fit()
+        if usr2["received"] and not finished and callable(requeue_handler):
+            requeue_handler(signal.SIGUSR2, None)  # rank 0 requeues through checkpoint(); others return
+        return {"finished": finished, "epoch": trainer.epoch, "global_step": trainer.global_step,
+                "rank": env.rank, "world_size": env.world_size, "mlflow_run_id": trainer.tracker.run_id}
+
+    def checkpoint(self) -> submitit.helpers.DelayedSubmission:
+        """Called by submitit before requeueing: the same job, which resumes from its latest checkpoint."""
+        return submitit.helpers.DelayedSubmission(TrainJob(self.config, self.overrides))
+
+
+def parse_sweep(spec: str) -> tuple[str, list[str]]:
+    """'key=v1;v2;v3' -> (key, [v1, v2, v3]); values are YAML (lists use commas, so ';' separates)."""
+    if "=" not in spec:
+        raise ConfigError(f"--sweep {spec!r}: expected key=value1;value2;...")
+    key, values = spec.split("=", 1)
+    return key, [v for v in values.split(";") if v]
+
+
+def domain_pair_overrides(cfg: Config) -> list[str]:
+    """One override set per pair of training domains, evaluated on all the remaining domains."""
+    domains = list(cfg.data.train_domains) + list(cfg.data.eval_domains)
+    out = []
+    for pair in itertools.combinations(domains, 2):
+        rest = [d for d in domains if d not in pair]
+        out.append(f"data.train_domains=[{','.join(pair)}] data.eval_domains=[{','.join(rest)}]")
+    return out
+
+
+def _slug(overrides: Sequence[str]) -> str:
+    text = "_".join(o.split(".")[-1] for o in overrides)
+    return "".join(c if c.isalnum() or c in "-_=," else "" for c in text.replace("=", "-"))
+
+
+def sweep_overrides(base: Sequence[str], sweeps: Sequence[str], domain_pairs: list[str] | None = None) -> list[list[str]]:
+    """The cross product of all sweeps (and domain pairs), each as a full override list."""
+    axes = [[f"{k}={v}" for v in vals] for k, vals in map(parse_sweep, sweeps)]
+    if domain_pairs:
+        axes.append(domain_pairs)
+    return [list(base) + [o for item in combo for o in item.split(" ")] for combo in itertools.product(*axes)]
+
+
+def job_parameters(cfg: Config, args: argparse.Namespace) -> dict:
+    """submitit's generic parameters (and slurm_* ones) from the config's launch section and the flags."""
+    lc = cfg.launch
+    tasks = args.gpus_per_node or lc.gpus_per_node
+    params: dict = dict(
+        name=args.job_name or lc.job_name,
+        timeout_min=args.time or lc.time_min,
+        nodes=args.nodes or lc.nodes,
+        tasks_per_node=tasks,
+        cpus_per_task=args.cpus_per_task or lc.cpus_per_task,
+    )
+    if not args.cpu:
+        params["gpus_per_node"] = tasks
+    if args.mem_gb or lc.mem_gb:
+        params["mem_gb"] = args.mem_gb or lc.mem_gb
+    slurm = {"partition": args.partition or lc.partition, "account": args.account or lc.account,
+             "qos": args.qos or lc.qos, "constraint": args.constraint or lc.constraint,
+             "signal_delay_s": 120, "array_parallelism": args.array_parallelism}
+    params.update({f"slurm_{k}": v for k, v in slurm.items() if v})
+    return params
+
+
+def sbatch_script(params: dict, folder: Path) -> str:
+    """The sbatch script submitit would submit for ``params``, made without a SLURM installation."""
+    from submitit.slurm.slurm import SlurmExecutor, _make_sbatch_string
+
+    native = {SlurmExecutor._equivalence_dict().get(k, k): v for k, v in params.items() if not k.startswith("slurm_")}
+    if "mem" in native:
+        native["mem"] = f"{native['mem']}GB"
+    native.update({k[len("slurm_"):]: v for k, v in params.items() if k.startswith("slurm_")})
+    return _make_sbatch_string(command=f"{sys.executable} -u -m submitit.core._submit {folder}", folder=folder, **native)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dgucdir submit", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", help="YAML config; its launch: section gives the defaults below")
+    p.add_argument("overrides", nargs="*", help="dotted config overrides for every job")
+    p.add_argument("--nodes", type=int)
+    p.add_argument("--gpus-per-node", type=int, help="= tasks per node (one task per GPU)")
+    p.add_argument("--cpus-per-task", type=int)
+    p.add_argument("--mem-gb", type=int)
+    p.add_argument("--partition")
+    p.add_argument("--account")
+    p.add_argument("--qos")
+    p.add_argument("--constraint")
+    p.add_argument("--time", type=int, help="time limit in minutes")
+    p.add_argument("--job-name")
+    p.add_argument("--folder", help="submitit log folder (default: launch.folder)")
+    p.add_argument("--cpu", action="store_true", help="request no GPUs (CPU tasks, gloo): tests, CPU clusters")
+    p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1;V2",
+                   help="one job per value (repeat for a cross product); submitted as a job array")
+    p.add_argument("--domain-pairs", action="store_true",
+                   help="one job per pair of training domains (of the config's train + eval domains), "
+                   "evaluated on the others: e.g. all 6 PACS splits")
+    p.add_argument("--array-parallelism", type=int, help="at most this many sweep jobs at once")
+    p.add_argument("--cluster", default=None, choices=["slurm", "local", "debug"],
+                   help="submitit cluster (default: slurm when available)")
+    p.add_argument("--wait", action="store_true", help="wait for the jobs and print their results")
+    p.add_argument("--dry-run", action="store_true", help="print the sbatch script(s) instead of submitting")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_intermixed_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        base = load_config(args.config, args.overrides)
+        pairs = domain_pair_overrides(base) if args.domain_pairs else None
+        runs = sweep_overrides(args.overrides, args.sweep, pairs)
+        if len(runs) > 1:  # each job its own output folder (checkpoints!) and MLflow run name
+            runs = [o + [f"train.output_dir={base.train.output_dir}/{_slug(o[len(args.overrides):])}",
+                         f"tracking.run_name={_slug(o[len(args.overrides):])}"] for o in runs]
+        cfgs = [load_config(args.config, o) for o in runs]  # validate every job before submitting any
+    except ConfigError as exc:
+        print(f"dgucdir submit: error: {exc}", file=sys.stderr)
+        return 2
+    params = job_parameters(cfgs[0], args)
+    folder = Path(args.folder or cfgs[0].launch.folder).resolve() / "%j"
+    if args.dry_run:
+        print(sbatch_script(params, folder))
+        for overrides in runs:
+            print(f"# job: dgucdir train {args.config} {' '.join(overrides)}")
+        return 0
+    executor = submitit.AutoExecutor(folder=folder, cluster=args.cluster)
+    executor.update_parameters(**params)
+    jobs_args = [TrainJob(args.config, o) for o in runs]
+    if len(jobs_args) > 1:
+        jobs = executor.submit_array(jobs_args) if executor.cluster == "slurm" else [executor.submit(j) for j in jobs_args]
+    else:
+        jobs = [executor.submit(jobs_args[0])]
+    experiments = sorted({c.tracking.experiment for c in cfgs})
+    for job, overrides in zip(jobs, runs):
+        print(f"submitted job {job.job_id}: {' '.join(overrides) or '(no overrides)'}")
+    print(f"compare them in MLflow experiment(s) {', '.join(experiments)}")
+    if args.wait:
+        for job in jobs:
+            print(f"job {job.job_id}: {job.results()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""The SLURM launcher against a real one-node SLURM (scripts/slurm_cluster.sh), CPU tasks on gloo."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from test_train import REPO, history, tiny_config
+
+
+@pytest.fixture(scope="module")
+def slurm_env():
+    """Brings the private cluster up (installing Debian's slurm-wlm and munge if needed)."""
+    script = REPO / "scripts/slurm_cluster.sh"
+    up = subprocess.run(["bash", str(script), "up"], capture_output=True, text=True, timeout=600)
+    if up.returncode != 0:
+        pytest.fail(f"could not start the test SLURM cluster:\n{up.stdout}\n{up.stderr}")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for line in subprocess.run(["bash", str(script), "env"], capture_output=True, text=True).stdout.splitlines():
+        key, value = line.removeprefix("export ").split("=", 1)
+        env[key] = value.replace("$PATH", os.environ["PATH"])
+    yield env
+    subprocess.run(["bash", str(script), "down"], capture_output=True, timeout=120)
+
+
+def submit(env, cfg: Path, folder: Path, *extra: str, wait: bool = True) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "launch.slurm", str(cfg), "--cpu", "--nodes", "1", "--gpus-per-node", "2",
+           "--cpus-per-task", "1", "--time", "20", "--folder", str(folder), "--cluster", "slurm", *extra]
+    if wait:
+        cmd.append("--wait")
+    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    return res
+
+
+def test_two_tasks_train_to_the_end(slurm_env, tmp_path, demo_manifest):
+    cfg = tiny_config(tmp_path, demo_manifest, "job", epochs=2)
+    res = submit(slurm_env, cfg, tmp_path / "logs")
+    assert "'finished': True" in res.stdout and "'world_size': 2" in res.stdout
+    run_id, losses = history(tmp_path / "job")
+    assert sorted(losses) == list(range(1, 11))
+    assert f"'mlflow_run_id': '{run_id}'" in res.stdout
+
+
+def test_requeue_mid_training_resumes_in_the_same_run(slurm_env, tmp_path, demo_manifest):
+    cfg = tiny_config(tmp_path, demo_manifest, "requeue", epochs=8)
+    res = submit(slurm_env, cfg, tmp_path / "logs", wait=False)
+    job_id = re.search(r"submitted job (\d+)", res.stdout).group(1)
+    ckpts = tmp_path / "requeue/checkpoints"
+    deadline = time.time() + 300
+    while not list(ckpts.glob("ckpt-*")) and time.time() < deadline:
+        time.sleep(0.1)
+    subprocess.run(["scontrol", "requeue", job_id], env=slurm_env, check=True)
+    stopped_at = None
+    while time.time() < deadline:
+        state = subprocess.run(["scontrol", "-o", "show", "job", job_id], env=slurm_env, capture_output=True, text=True).stdout
+        restarts = int(re.search(r"Restarts=(\d+)", state).group(1))
+        if stopped_at is None and restarts >= 1 and "JobState=PENDING" in state:
+            stopped_at = max(int(p.name.split("-")[1]) for p in ckpts.glob("ckpt-*"))
+            # SLURM holds a requeued job back for about two minutes; the test need not wait for that
+            subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=slurm_env, check=True)
+        if restarts >= 1 and "JobState=COMPLETED" in state:
+            break
+        assert "JobState=FAILED" not in state and "JobState=CANCELLED" not in state, state
+        time.sleep(0.5)
+    else:
+        pytest.fail("job did not complete after the requeue")
+    log = (tmp_path / "logs" / job_id / f"{job_id}_0_log.err").read_text()
+    assert "received SIGTERM" in log and "checkpoint" in log
+    assert re.search(r"resumed from .*ckpt-0+(\d+): epoch", log)
+    resumed_step = int(re.search(r"resumed from .*ckpt-0+(\d+): epoch", log).group(1))
+    assert stopped_at is not None and resumed_step == stopped_at and 5 <= resumed_step < 40
+    run_id, losses = history(tmp_path / "requeue")  # one MLflow run across the requeue
+    assert sorted(losses) == list(range(1, 41))
+    from mlflow.tracking import MlflowClient
+
+    assert MlflowClient(f"sqlite:///{tmp_path / 'requeue/mlruns.db'}").get_run(run_id).info.status == "FINISHED"
+
+
+def test_dry_run_prints_a_multi_node_sbatch_script(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "launch.slurm", str(REPO / "configs/pacs.yaml"), "--dry-run", "--nodes", "2",
+                          "--gpus-per-node", "8", "--partition", "gpu", "--account", "proj", "--qos", "high",
+                          "--constraint", "h100", "--mem-gb", "400", "--time", "600", "--folder", str(tmp_path)],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    script = res.stdout
+    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8", "#SBATCH --partition=gpu",
+                 "#SBATCH --account=proj", "#SBATCH --qos=high", "#SBATCH --constraint=h100", "#SBATCH --mem=400GB",
+                 "#SBATCH --time=600", "#SBATCH --signal=USR2@120", "srun "):
+        assert line in script, line
+    assert not list(tmp_path.iterdir())  # nothing submitted, nothing written
+
+
+def test_domain_pair_sweep_gives_one_job_per_split():
+    res = subprocess.run([sys.executable, "-m", "dgucdir", "submit", str(REPO / "configs/pacs.yaml"), "--dry-run",
+                          "--domain-pairs"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    jobs = [l for l in res.stdout.splitlines() if l.startswith("# job:")]
+    assert len(jobs) == 6  # C(4, 2) training pairs of PACS
+    assert len({re.search(r"train.output_dir=(\S+)", j).group(1) for j in jobs}) == 6
