@@ -90,3 +90,30 @@ def load(root: Path, explicit: Path | None = None) -> tuple[Path, dict, dict] | 
         if explicit is not None:
             raise RuntimeError(f"cannot resume from {explicit}: unreadable on at least one rank")
     return None
+
+
+def encoder_from_checkpoint(path: Path, cfg=None):
+    """The query encoder of a dgucdir checkpoint (folder or its state.pt) and the config it was trained with.
+
+    ``cfg`` overrides the saved config (its model section must match the checkpoint's tensors).
+    """
+    from .config import from_dict
+    from .model.encoder import Encoder
+
+    path = Path(path)
+    state_file = path / SHARED if path.is_dir() else path
+    try:
+        shared = torch.load(state_file, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
+        raise ValueError(f"{state_file}: not a readable checkpoint ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(shared, dict) or "model" not in shared or "config" not in shared:
+        raise ValueError(f"{state_file}: not a dgucdir checkpoint")
+    cfg = cfg or from_dict(shared["config"])
+    encoder = Encoder(cfg.model.arch, cfg.model.proj_dim)
+    weights = {k[len("encoder_q."):]: v for k, v in shared["model"].items() if k.startswith("encoder_q.")}
+    try:
+        encoder.load_state_dict(weights)
+    except RuntimeError as exc:
+        raise ValueError(f"{state_file}: was trained with another architecture than model.arch={cfg.model.arch} "
+                         f"({str(exc).splitlines()[0]})") from exc
+    return encoder, cfg

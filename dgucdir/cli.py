@@ -123,25 +123,20 @@ def _load_encoder(args: argparse.Namespace, device):
     """The encoder to evaluate: from a checkpoint, MoCo v2 weights, or random; plus its config."""
     import torch
 
+    from .checkpoint import encoder_from_checkpoint
     from .model.encoder import Encoder, load_moco_v2
-    from .train import config_from_checkpoint
 
+    if args.checkpoint and "=" in args.checkpoint and not Path(args.checkpoint).exists():
+        args.overrides.insert(0, args.checkpoint)  # `eval --init random --config c.yaml key=value`
+        args.checkpoint = None
     if args.checkpoint:
-        ckpt_path = Path(args.checkpoint)
-        cfg = load_config(args.config, args.overrides) if args.config else config_from_checkpoint(ckpt_path)
-        shared = torch.load(ckpt_path / "state.pt" if ckpt_path.is_dir() else ckpt_path, map_location="cpu",
-                            weights_only=False)
-        if not isinstance(shared, dict) or "model" not in shared:
-            raise ValueError(f"{ckpt_path}: not a dgucdir checkpoint")
-        encoder = Encoder(cfg.model.arch, cfg.model.proj_dim)
-        state = {k[len("encoder_q."):]: v for k, v in shared["model"].items() if k.startswith("encoder_q.")}
-        try:
-            encoder.load_state_dict(state)
-        except RuntimeError as exc:
-            raise ValueError(f"{ckpt_path}: checkpoint does not fit model.arch={cfg.model.arch}: {exc}") from exc
+        if args.init:
+            raise ConfigError("give a checkpoint or --init, not both")
+        cfg = load_config(args.config, args.overrides) if args.config else None
+        encoder, cfg = encoder_from_checkpoint(Path(args.checkpoint), cfg)
     else:
-        if not args.config:
-            raise ConfigError("--init needs --config (architecture, data and eval settings)")
+        if not args.init or not args.config:
+            raise ConfigError("evaluate a checkpoint, or a baseline with --init random|moco-v2 PATH and --config")
         cfg = load_config(args.config, args.overrides)
         torch.manual_seed(cfg.train.seed)
         encoder = Encoder(cfg.model.arch, cfg.model.proj_dim)
@@ -149,6 +144,8 @@ def _load_encoder(args: argparse.Namespace, device):
             if len(args.init) != 2:
                 raise ConfigError("--init moco-v2 needs the checkpoint path: --init moco-v2 PATH")
             load_moco_v2(encoder, args.init[1])
+        elif args.init != ["random"]:
+            raise ConfigError(f"--init {' '.join(args.init)}: expected 'random' or 'moco-v2 PATH'")
     return encoder.to(device), cfg
 
 

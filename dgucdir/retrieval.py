@@ -75,9 +75,10 @@ def retrieval_metrics(q_feat: torch.Tensor, q_lab: torch.Tensor, g_feat: torch.T
         sims = q_feat[start : start + chunk][keep] @ g_feat.T
         # Quantise to 1e-6: BLAS may round identical gallery vectors differently by position,
         # which would break exact ties at random instead of towards the lower gallery index.
-        sims = sims.mul_(SIM_QUANTUM).round_()
-        order = torch.sort(sims, dim=1, descending=True, stable=True).indices
+        keys = sims.mul_(SIM_QUANTUM).round_().to(torch.int32)  # int32 sorts ~1.4x faster than float32
         del sims
+        order = torch.sort(keys, dim=1, descending=True, stable=True).indices
+        del keys
         rel = g_lab[order] == ql[:, None]
         del order
         cum = rel.cumsum(1, dtype=torch.int32)
@@ -190,6 +191,19 @@ def thumbnail(domain: Domain, record, size: int = 72) -> Image.Image:
         return img.convert("RGB").resize((size, size), Image.BILINEAR)
 
 
+def picture_grid(rows: list[list[tuple[Image.Image, str]]], size: int = 72, pad: int = 4) -> Image.Image:
+    """Rows of (tile, frame colour); the first tile of each row (the query) stands a little apart."""
+    cell = size + 2 * pad
+    canvas = Image.new("RGB", (max(len(r) for r in rows) * cell + 8, len(rows) * cell), "white")
+    draw = ImageDraw.Draw(canvas)
+    for row, tiles in enumerate(rows):
+        for col, (tile, color) in enumerate(tiles):
+            x, y = col * cell + (8 if col else 0), row * cell
+            draw.rectangle([x, y, x + cell - 1, y + cell - 1], fill=color)
+            canvas.paste(tile.resize((size, size)), (x + pad, y + pad))
+    return canvas
+
+
 def retrieval_picture(q_domain: Domain, g_domain: Domain, q_feat: torch.Tensor, q_lab: torch.Tensor,
                       g_feat: torch.Tensor, g_lab: torch.Tensor, n_queries: int, topk: int, seed: int = 0,
                       size: int = 72) -> Image.Image:
@@ -197,20 +211,21 @@ def retrieval_picture(q_domain: Domain, g_domain: Domain, q_feat: torch.Tensor, 
     gen = torch.Generator().manual_seed(seed)
     picks = torch.randperm(q_feat.shape[0], generator=gen)[:n_queries].tolist()
     q_rec, g_rec = q_domain.samples(), g_domain.samples()
-    pad = 4
-    canvas = Image.new("RGB", ((topk + 1) * (size + 2 * pad) + 8, len(picks) * (size + 2 * pad)), "white")
-    draw = ImageDraw.Draw(canvas)
-    for row, qi in enumerate(picks):
-        sims = F.normalize(g_feat.float(), dim=1) @ F.normalize(q_feat[qi].float(), dim=0)
-        top = torch.sort(sims, descending=True, stable=True).indices[:topk].tolist()
-        y = row * (size + 2 * pad)
+    g_norm = F.normalize(g_feat.float(), dim=1)
+    rows = []
+    for qi in picks:
+        top = top_matches(g_norm, q_feat[qi], topk)[1].tolist()
         tiles = [(thumbnail(q_domain, q_rec[qi], size), "blue")]
         tiles += [(thumbnail(g_domain, g_rec[gi], size), "green" if g_lab[gi] == q_lab[qi] else "red") for gi in top]
-        for col, (tile, color) in enumerate(tiles):
-            x = col * (size + 2 * pad) + (8 if col else 0)
-            draw.rectangle([x, y, x + size + 2 * pad - 1, y + size + 2 * pad - 1], fill=color)
-            canvas.paste(tile, (x + pad, y + pad))
-    return canvas
+        rows.append(tiles)
+    return picture_grid(rows, size)
+
+
+def top_matches(gallery: torch.Tensor, query: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores, indices) of the k most similar L2-normalised gallery rows; ties to the lower index."""
+    sims = gallery @ F.normalize(query.float(), dim=0)
+    order = torch.sort(sims.mul(SIM_QUANTUM).round(), descending=True, stable=True).indices[:k]
+    return sims[order], order
 
 
 def evaluate(encoder: torch.nn.Module, manifest: Manifest, domains: list[str], spec: PipelineSpec,

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from . import checkpoint, dist
 from .cluster import spherical_kmeans
-from .config import Config, from_dict, to_dict, to_yaml
+from .config import Config, to_dict, to_yaml
 from .data.fourier import FourierAugment, normalize
 from .data.loader import Batch, MultiDomainLoader, derive_seed, per_rank_batch
 from .data.manifest import Manifest
@@ -333,9 +333,3 @@ class Trainer:
             self.tracker.end("FAILED")
             raise
 
-
-def config_from_checkpoint(path: Path) -> Config:
-    """The resolved config a checkpoint was trained with."""
-    shared = torch.load(Path(path) / checkpoint.SHARED if Path(path).is_dir() else path, map_location="cpu",
-                        weights_only=False)
-    return from_dict(shared["config"])

@@ -40,9 +40,9 @@ def run(args: list[str], procs: int = 1, launcher: str = "torchrun", timeout: in
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_port",
                str(free_port()), "-m", "dgucdir", *args]
     else:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(procs),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-               str(free_port()), "-m", "dgucdir", *args]
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(REPO / "launch/accelerate/cpu_2proc.yaml"), "--main_process_port", str(free_port()),
+               "-m", "dgucdir", *args]
     res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, **kw)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
     return res

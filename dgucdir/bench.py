@@ -1,0 +1,216 @@
+"""`dgucdir bench aug|loader|eval`: throughput and memory figures as JSON.
+
+Each benchmark runs the project's implementation side by side, in the same process, with a
+naive implementation written here the way the original code works (per image, PIL + numpy
+float64), so the ratio is measured on the same machine, the same data and the same moment.
+"Per core" figures run both with one thread; the DALI/torch path is also measured with all cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .data.fourier import FourierAugment
+
+
+def _timeit(fn: Callable[[], object], repeat: int) -> float:
+    fn()  # warm-up
+    start = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    return (time.perf_counter() - start) / repeat
+
+
+def _machine() -> dict:
+    return {"cpu_count": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+            "torch": torch.__version__, "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+# --------------------------------------------------------------------------- naive reference
+def naive_fourier(img: np.ndarray, partner: np.ndarray, lam_a: float, lam_p: float, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """The original's per-image path: numpy float64 FFTs on HWC, fftshift, mix, uint8; phase image."""
+    f1, f2 = np.fft.fft2(img.astype(np.float64), axes=(0, 1)), np.fft.fft2(partner.astype(np.float64), axes=(0, 1))
+    abs1, pha1 = np.fft.fftshift(np.abs(f1), axes=(0, 1)), np.fft.fftshift(np.angle(f1), axes=(0, 1))
+    abs2, pha2 = np.fft.fftshift(np.abs(f2), axes=(0, 1)), np.fft.fftshift(np.angle(f2), axes=(0, 1))
+    amp = (1 - lam_a) * abs1 + lam_a * abs2
+    H, W = img.shape[:2]
+    r0, r1 = int(np.round((H - w) / 2)), int(np.round((H + w) / 2))
+    c0, c1 = int(np.round((W - w) / 2)), int(np.round((W + w) / 2))
+    pha1[r0:r1, c0:c1] = (1 - lam_p) * pha1[r0:r1, c0:c1] + lam_p * pha2[r0:r1, c0:c1]
+    mixed = np.fft.ifft2(np.fft.ifftshift(amp, axes=(0, 1)) * np.exp(1j * np.fft.ifftshift(pha1, axes=(0, 1))), axes=(0, 1))
+    out = np.uint8(np.clip(np.real(mixed), 0, 255))
+    gray = np.asarray(Image.fromarray(img).convert("L"), np.float64)
+    phase = np.real(np.fft.ifft2(50000.0 * np.exp(1j * np.angle(np.fft.fft2(gray)))))
+    return out, np.uint8(np.clip(phase, 0, 255))
+
+
+def naive_views(data: bytes, partner_path_bytes: bytes, size: int, transform) -> list[np.ndarray]:
+    """Per sample, as the original loader: PIL decode, two torchvision MoCo v2 views, each Fourier-
+    mixed with a partner image decoded from disk and resized, plus their phase images."""
+    img = Image.open(io.BytesIO(data)).convert("RGB")
+    out = []
+    for _ in range(2):
+        view = np.asarray(transform(img))
+        partner = np.asarray(Image.open(io.BytesIO(partner_path_bytes)).convert("RGB").resize((size, size)))
+        out.extend(naive_fourier(view, partner, 0.5, 0.2, int(50 * size / 224)))
+    return out
+
+
+def moco_v2_transform(size: int):
+    from torchvision import transforms as T
+
+    return T.Compose([
+        T.RandomResizedCrop(size, scale=(0.2, 1.0)),
+        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+        T.RandomGrayscale(p=0.2),
+        T.RandomApply([T.GaussianBlur(kernel_size=int(0.1 * size) // 2 * 2 + 1, sigma=(0.1, 2.0))], p=0.5),
+        T.RandomHorizontalFlip(),
+    ])
+
+
+# --------------------------------------------------------------------------- benchmarks
+def bench_aug(size: int, batch: int, repeat: int) -> dict:
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.integers(0, 256, (batch, 3, size, size)).astype(np.float32))
+    p = x.roll(1, 0)
+    aug = FourierAugment(hpf_range=int(50 * size / 224))
+    gen = torch.Generator().manual_seed(0)
+
+    def ours() -> None:
+        aug.mix(x, p, *aug.sample_lambdas(batch, gen))
+        aug.phase_image(x)
+
+    imgs = x.permute(0, 2, 3, 1).numpy().astype(np.uint8)
+    n_naive = max(4, batch // 4)
+
+    def naive() -> None:
+        for i in range(n_naive):
+            naive_fourier(imgs[i], imgs[(i + 1) % batch], 0.5, 0.2, int(50 * size / 224))
+
+    result = {"image_size": size, "batch": batch}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    result["ours_1_thread_img_s"] = batch / _timeit(ours, repeat)
+    result["naive_1_thread_img_s"] = n_naive / _timeit(naive, max(1, repeat // 2))
+    torch.set_num_threads(threads)
+    result[f"ours_{threads}_threads_img_s"] = batch / _timeit(ours, repeat)
+    result["speedup_per_core"] = result["ours_1_thread_img_s"] / result["naive_1_thread_img_s"]
+    return result
+
+
+def bench_loader(manifest_path: str, size: int, batch: int, steps: int) -> dict:
+    from .data.loader import MultiDomainLoader
+    from .data.manifest import Manifest
+    from .data.pipeline import PipelineSpec
+
+    manifest = Manifest.load(manifest_path)
+    domains = list(manifest.domains)[:2]
+    result: dict = {"image_size": size, "batch": batch, "domains": domains, "steps": steps}
+    threads = torch.get_num_threads()
+    for n in sorted({1, threads}):
+        torch.set_num_threads(n)
+        loader = MultiDomainLoader(manifest, domains, batch, PipelineSpec(size, 0, 1, None, n),
+                                   FourierAugment(hpf_range=int(50 * size / 224)), 0, torch.device("cpu"))
+        it = loader.epoch(0, num_steps=steps + 1)
+        next(it)  # pipeline build and first batch
+        start = time.perf_counter()
+        count = sum(len(b) for b in it)
+        result[f"ours_{n}_thread_samples_s"] = count / (time.perf_counter() - start)
+    torch.set_num_threads(1)
+    records = [(manifest.domain(d), r) for d in domains for r in manifest.domain(d).samples()[: max(16, batch // 4)]]
+    blobs = [dom.read_image_bytes(r) for dom, r in records]
+    transform = moco_v2_transform(size)
+    start = time.perf_counter()
+    for i, data in enumerate(blobs):
+        views = naive_views(data, blobs[(i + 7) % len(blobs)], size, transform)
+        [torch.from_numpy(v.copy()) for v in views]
+    result["naive_1_thread_samples_s"] = len(blobs) / (time.perf_counter() - start)
+    torch.set_num_threads(threads)
+    result["speedup_per_core"] = result["ours_1_thread_samples_s"] / result["naive_1_thread_samples_s"]
+    return result
+
+
+def naive_metrics(qf: np.ndarray, ql: np.ndarray, gf: np.ndarray, gl: np.ndarray, topk: list[int]) -> dict:
+    """The original's way: full cosine matrix, full argsort, a Python loop per query."""
+    qf = qf / np.linalg.norm(qf, axis=1, keepdims=True)
+    gf = gf / np.linalg.norm(gf, axis=1, keepdims=True)
+    sim = qf @ gf.T
+    hits = {k: 0 for k in topk}
+    denom = {k: 0 for k in topk}
+    aps = []
+    for i in range(len(qf)):
+        order = np.argsort(-sim[i], kind="stable")
+        rel = gl[order] == ql[i]
+        n_rel = int(rel.sum())
+        for k in topk:
+            kk = min(k, n_rel)
+            hits[k] += int(rel[:kk].sum())
+            denom[k] += kk
+        positions = np.flatnonzero(rel) + 1
+        aps.append(np.mean(np.arange(1, n_rel + 1) / positions))
+    return {"precision": {k: hits[k] / denom[k] for k in topk}, "map_all": float(np.mean(aps))}
+
+
+def _eval_once(n: int, dim: int, classes: int, topk: list[int]) -> dict:
+    from .retrieval import retrieval_metrics
+
+    g = torch.Generator().manual_seed(n)
+    labels = torch.randint(0, classes, (n,), generator=g)
+    centers = torch.randn(classes, dim, generator=g)
+    qf = centers[labels] + 12 * torch.randn(n, dim, generator=g)
+    gl = torch.randint(0, classes, (n,), generator=g)
+    gf = centers[gl] + 12 * torch.randn(n, dim, generator=g)
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    precision, map_all, _, _ = retrieval_metrics(qf, labels, gf, gl, topk, 200)
+    return {"n": n, "ours_s": time.perf_counter() - start, "precision": precision, "map_all": map_all,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "rss_before_mb": rss0 / 1024,
+            "qf": qf, "gf": gf, "ql": labels, "gl": gl}
+
+
+def bench_eval(sizes: list[int], naive_max: int, dim: int = 2048, classes: int = 7) -> dict:
+    topk = [1, 5, 15]
+    out = {"dim": dim, "classes": classes, "runs": []}
+    for n in sizes:
+        if n > naive_max:  # a fresh process, so that its peak memory is this run's alone
+            cmd = [sys.executable, "-c", f"import json, dgucdir.bench as b; r = b._eval_once({n}, {dim}, {classes}, {topk}); "
+                   "print(json.dumps({k: v for k, v in r.items() if k not in ('qf', 'gf', 'ql', 'gl')}))"]
+            res = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
+            out["runs"].append(res)
+            continue
+        res = _eval_once(n, dim, classes, topk)
+        start = time.perf_counter()
+        ref = naive_metrics(res["qf"].numpy(), res["ql"].numpy(), res["gf"].numpy(), res["gl"].numpy(), topk)
+        naive_s = time.perf_counter() - start
+        run = {k: v for k, v in res.items() if k not in ("qf", "gf", "ql", "gl")}
+        run.update(naive_s=naive_s, speedup=naive_s / run["ours_s"],
+                   same_result=all(abs(run["precision"][k] - ref["precision"][k]) < 1e-9 for k in topk)
+                   and abs(run["map_all"] - ref["map_all"]) < 1e-6)
+        out["runs"].append(run)
+    return out
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.what == "aug":
+        result = bench_aug(args.image_size, args.batch_size, args.steps)
+    elif args.what == "loader":
+        result = bench_loader(args.manifest, args.image_size, args.batch_size, args.steps)
+    else:
+        result = bench_eval(args.sizes, args.naive_max)
+    result = {"bench": args.what, "machine": _machine(), **result}
+    print(json.dumps(result, indent=1))
+    return 0
