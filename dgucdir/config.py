@@ -63,6 +63,9 @@ class LossConfig:
     w_rgb_rgb: float = 0.5
     w_phase_rgb: float = 0.5
     w_rgb_phase: float = 0.5
+    # negatives of the two cross terms: "query" = the query's modality queue (phase->rgb against
+    # the phase queue), as specified; "positive" = the positive key's modality queue
+    cross_negatives: Literal["query", "positive"] = "query"
     cluster: bool = True
     cluster_weight: float = 0.1
     num_clusters: int = 7

@@ -60,6 +60,34 @@ def test_one_rank_step_losses_grads_momentum_and_queue():
     torch.testing.assert_close(out["loss"], contrast + 0.1 * out["loss_cluster"])
 
 
+def test_single_process_shuffle_bn_restores_order():
+    model = _model()
+    model.encoder_k.eval()  # per-sample keys: any wrong unshuffle would show
+    x = torch.randn(6, 3, SIZE, SIZE)
+    torch.testing.assert_close(model.shuffled_keys(x), model.encoder_k(x)[0], rtol=0, atol=1e-5)
+    model.encoder_k.train()  # in train mode the two halves have their own BN statistics
+    assert not torch.allclose(model.shuffled_keys(x), model.encoder_k(x)[0], atol=1e-4)
+
+
+def test_cross_terms_use_the_configured_negatives():
+    from dgucdir.model.queue import sample_ids
+
+    batch = _batch(4)
+    ids = sample_ids(batch.domain, batch.index)
+    for mode in ("query", "positive"):
+        model = _model(cross_negatives=mode)
+        model.eval()  # deterministic BN, so the embeddings can be recomputed below
+        phase_queue = copy.deepcopy(model.phase_queue)
+        rgb_queue = copy.deepcopy(model.rgb_queue)
+        with torch.no_grad():
+            out = model(batch)
+            q, _ = model.encoder_q(torch.cat([batch.q_phase, batch.q_rgb]))
+            k, _ = model.encoder_k(torch.cat([batch.k_phase, batch.k_rgb]))
+        negatives = phase_queue if mode == "query" else rgb_queue
+        want = negatives.infonce(q[:B], k[B:], batch.domain, ids, 0.2).loss
+        torch.testing.assert_close(out["loss_phase_rgb"], want, rtol=1e-5, atol=1e-5)
+
+
 def test_rgb_only_and_shared_queue_ablations():
     from dgucdir.config import LossConfig, ModelConfig
     from dgucdir.model.dgucdir import DGUCDIR

@@ -20,9 +20,11 @@ REPO = Path(__file__).parent.parent
 
 def tiny_config(tmp: Path, manifest: Path, name: str, **train) -> Path:
     cfg = yaml.safe_load((REPO / "configs/demo.yaml").read_text())
-    cfg["data"].update(manifest=str(manifest), image_size=32, num_threads=1, shuffle_buffer=64)
+    cfg["data"].update(manifest=str(manifest), image_size=32, num_threads=1, shuffle_buffer=64,
+                       train_domains=["ink", "neon"], eval_domains=["photo", "sketch"])
     cfg["augment"]["hpf_range"] = 7
     cfg["loss"].update(queue_size=64, num_clusters=4, kmeans_niter=3, kmeans_nredo=1)
+    cfg["optim"]["lr"] = 0.05
     cfg["train"].update({**dict(epochs=3, batch_size=16, warmup_epochs=1, output_dir=str(tmp / name), checkpoint_every=1,
                                 keep_checkpoints=5, eval_every=2, log_every=1, max_steps_per_epoch=5), **train})
     cfg["eval"].update(batch_size=128, picture_queries=2, picture_topk=3)

@@ -42,16 +42,23 @@ def _blend(bg: np.ndarray, fg: np.ndarray, m: np.ndarray) -> Image.Image:
     return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
 
 
+# Style choices come from small palettes shared by many images: a domain differs from the others
+# by its style, while one image differs from another of its domain mainly by its digit. (With a
+# unique background or colour per image, instance discrimination learns those instead of shapes.)
+INKS = np.array([[20, 25, 60], [15, 15, 15], [60, 20, 20]], np.float32)
+NEON_HUES = (0.0, 0.15, 0.33, 0.55, 0.8)
+PHOTO_SPOTS = 6
+
+
 def render_ink(m: np.ndarray, rng: np.random.Generator, photos: list[np.ndarray]) -> Image.Image:
     """Dark ink on slightly textured paper."""
     paper = np.array([245, 238, 220], np.float32) + rng.normal(0, 6, (SIZE, SIZE, 1))
-    ink = np.array([20, 25, 60], np.float32) + rng.uniform(-15, 15, 3)
-    return _blend(paper, ink, m)
+    return _blend(paper, INKS[rng.integers(len(INKS))], m)
 
 
 def render_neon(m: np.ndarray, rng: np.random.Generator, photos: list[np.ndarray]) -> Image.Image:
-    """Bright glowing strokes of a random hue on a dark background."""
-    hue = rng.uniform(0, 1)
+    """Bright glowing strokes (one of a few hues) on a dark background."""
+    hue = NEON_HUES[rng.integers(len(NEON_HUES))]
     color = np.array(Image.new("HSV", (1, 1), (int(hue * 255), 200, 255)).convert("RGB").getpixel((0, 0)), np.float32)
     glow = np.asarray(Image.fromarray((m * 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(3)), np.float32) / 255
     bg = np.array([8, 8, 24], np.float32) + 60 * glow[..., None] * color / 255
@@ -59,12 +66,15 @@ def render_neon(m: np.ndarray, rng: np.random.Generator, photos: list[np.ndarray
 
 
 def render_photo(m: np.ndarray, rng: np.random.Generator, photos: list[np.ndarray]) -> Image.Image:
-    """Strokes blended over a random crop of a real photo, contrasting with the local brightness."""
-    photo = photos[rng.integers(len(photos))]
-    y, x = rng.integers(0, photo.shape[0] - SIZE), rng.integers(0, photo.shape[1] - SIZE)
-    crop = photo[y : y + SIZE, x : x + SIZE].astype(np.float32)
-    stroke = np.full(3, 255.0 if crop.mean() < 128 else 0.0, np.float32)
-    return _blend(crop, stroke, 0.85 * m)
+    """Dark strokes over a washed-out crop of a real photo (a photographed note), near one of a few spots."""
+    spot = rng.integers(PHOTO_SPOTS)
+    photo = photos[spot % len(photos)]
+    spots = np.random.default_rng(spot)  # the spot's place is fixed; each image moves a little around it
+    y0, x0 = spots.integers(8, photo.shape[0] - SIZE - 8), spots.integers(8, photo.shape[1] - SIZE - 8)
+    y, x = y0 + rng.integers(-8, 9), x0 + rng.integers(-8, 9)
+    crop = 90 + 0.6 * photo[y : y + SIZE, x : x + SIZE].astype(np.float32)
+    stroke = rng.uniform(0, 40, 3).astype(np.float32)
+    return _blend(crop, stroke, 0.9 * m)
 
 
 def render_sketch(m: np.ndarray, rng: np.random.Generator, photos: list[np.ndarray]) -> Image.Image:
@@ -72,7 +82,7 @@ def render_sketch(m: np.ndarray, rng: np.random.Generator, photos: list[np.ndarr
     mask = Image.fromarray((m > 0.5).astype(np.uint8) * 255)
     edge = np.asarray(mask.filter(ImageFilter.MaxFilter(3)), np.float32) - np.asarray(mask.filter(ImageFilter.MinFilter(3)), np.float32)
     edge = np.asarray(Image.fromarray(edge.astype(np.uint8)).filter(ImageFilter.GaussianBlur(0.6)), np.float32) / 255
-    pencil = np.full(3, rng.uniform(40, 90), np.float32)
+    pencil = np.full(3, (40.0, 65.0, 90.0)[rng.integers(3)], np.float32)
     return _blend(np.full((SIZE, SIZE, 3), 250.0, np.float32), pencil, np.clip(1.5 * edge, 0, 1))
 
 

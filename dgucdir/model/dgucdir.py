@@ -62,19 +62,23 @@ class DGUCDIR(nn.Module):
 
     @torch.no_grad()
     def shuffled_keys(self, x: torch.Tensor) -> torch.Tensor:
-        """Key projections computed on a batch shuffled across ranks (shuffle-BN), in original order.
+        """Key projections computed with shuffle-BN, returned in the original order.
 
-        The permutation comes from a generator seeded by the step, identical on every rank, so
-        no broadcast is needed and a resumed run shuffles exactly as the uninterrupted one.
+        Across ranks: the gathered batch is permuted and each rank embeds its slice, so a key's BN
+        statistics come from other samples than its query's. With one process the permuted batch
+        is embedded in two halves (BN statistics per half), the single-GPU stand-in MoCo users
+        apply: without it the key and query of a sample share batch statistics, which lets the
+        model "cheat" the pretext task. The permutation comes from a generator seeded by the
+        step, identical on every rank: no broadcast, and a resumed run shuffles exactly as before.
         """
-        if not dist.is_distributed():
-            return self.encoder_k(x)[0]
-        n = x.shape[0]
-        x_all = dist.all_gather(x)
         gen = torch.Generator().manual_seed(derive_seed("shuffle-bn", self.step))
+        n, r = x.shape[0], dist.rank()
+        x_all = dist.all_gather(x)
         perm = torch.randperm(x_all.shape[0], generator=gen).to(x.device)
-        r = dist.rank()
-        k_shuffled = dist.all_gather(self.encoder_k(x_all[perm[r * n : (r + 1) * n]])[0])
+        if dist.is_distributed():
+            k_shuffled = dist.all_gather(self.encoder_k(x_all[perm[r * n : (r + 1) * n]])[0])
+        else:
+            k_shuffled = torch.cat([self.encoder_k(half)[0] for half in x_all[perm].chunk(2)])
         k_all = torch.empty_like(k_shuffled)
         k_all[perm] = k_shuffled
         return k_all[r * n : (r + 1) * n]
@@ -104,11 +108,12 @@ class DGUCDIR(nn.Module):
         else:
             q_phase, q_rgb = q[:B], q[B:]
             k_phase, k_rgb = k[:B], k[B:]
+            by_query = cfg.cross_negatives == "query"
             terms = {
                 "phase_phase": (q_phase, k_phase, self.phase_queue, cfg.w_phase_phase),
                 "rgb_rgb": (q_rgb, k_rgb, self.rgb_queue, cfg.w_rgb_rgb),
-                "phase_rgb": (q_phase, k_rgb, self.phase_queue, cfg.w_phase_rgb),
-                "rgb_phase": (q_rgb, k_phase, self.rgb_queue, cfg.w_rgb_phase),
+                "phase_rgb": (q_phase, k_rgb, self.phase_queue if by_query else self.rgb_queue, cfg.w_phase_rgb),
+                "rgb_phase": (q_rgb, k_phase, self.rgb_queue if by_query else self.phase_queue, cfg.w_rgb_phase),
             }
         total = q.new_zeros((), dtype=torch.float32)
         for name, (query, key, queue, weight) in terms.items():
