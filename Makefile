@@ -1,9 +1,8 @@
-# The two commands of the README. Both create (or reuse) the virtual environment first.
-PY = $(shell bash scripts/setup_env.sh)
-
+# The two commands of the README. Both create (or reuse) the virtual environment first
+# (scripts/setup_env.sh prints its python; a failed install stops here with the pip log).
 .PHONY: demo test
 demo:  ## install, build + pack the demo data, train on two domains, evaluate on the two unseen ones
-	$(PY) -m dgucdir demo
+	@PY=$$(bash scripts/setup_env.sh) && $$PY -m dgucdir demo
 
 test:  ## install and run the test suite (brings up a private one-node SLURM for the launcher tests)
-	OMP_NUM_THREADS=2 $(PY) -m pytest -q
+	@PY=$$(bash scripts/setup_env.sh) && OMP_NUM_THREADS=2 $$PY -m pytest -q

@@ -88,6 +88,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    import torch
+
+    from .model.encoder import Encoder
     from .retrieval import evaluate
     from .train import Trainer
 
@@ -98,9 +101,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return 0
     trained = trainer.run_eval("final")
     # The same encoder with random weights (same seed, same architecture): the baseline to beat.
-    from .model.encoder import Encoder
-    import torch
-
     torch.manual_seed(cfg.train.seed)
     random_enc = Encoder(cfg.model.arch, cfg.model.proj_dim).to(trainer.device)
     baseline, _ = evaluate(random_enc, trainer.manifest, cfg.data.eval_domains, trainer.spec, cfg.eval.batch_size,
@@ -183,12 +183,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return bench.main(args)
 
 
-def cmd_submit(args: argparse.Namespace) -> int:
-    from .submit import main as submit_main
-
-    return submit_main(args.rest)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dgucdir",
@@ -269,14 +263,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--naive-max", type=int, default=4000, help="eval: run the naive implementation up to this size")
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("submit", help="submit training to SLURM via submitit (see `dgucdir submit --help`)",
-                       add_help=False)
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(func=cmd_submit)
+    sub.add_parser("submit", help="submit training to SLURM via submitit (see `dgucdir submit --help`)", add_help=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["submit"]:  # the launcher parses its own arguments (and --help)
+        from .submit import main as submit_main
+
+        return submit_main(argv[1:])
     args = build_parser().parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
