@@ -86,12 +86,12 @@ def moco_v2_transform(size: int):
 def bench_aug(size: int, batch: int, repeat: int) -> dict:
     rng = np.random.default_rng(0)
     x = torch.from_numpy(rng.integers(0, 256, (batch, 3, size, size)).astype(np.float32))
-    p = x.roll(1, 0)
+    partner = torch.arange(batch).roll(1)
     aug = FourierAugment(hpf_range=int(50 * size / 224))
     gen = torch.Generator().manual_seed(0)
 
     def ours() -> None:
-        aug.mix(x, p, *aug.sample_lambdas(batch, gen))
+        aug.mix_with_partner(x, partner, *aug.sample_lambdas(batch, gen))
         aug.phase_image(x)
 
     imgs = x.permute(0, 2, 3, 1).numpy().astype(np.uint8)

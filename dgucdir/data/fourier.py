@@ -14,6 +14,7 @@ path is exact, not an approximation.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +36,41 @@ def window_mask_1d(n: int, w: int, device: torch.device) -> torch.Tensor:
     shifted = torch.zeros(n, dtype=torch.bool, device=device)
     shifted[round((n - w) / 2) : round((n + w) / 2)] = True
     return torch.fft.ifftshift(shifted)
+
+
+@functools.lru_cache(maxsize=32)
+def phase_window(H: int, W: int, w: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Where the phase mix acts on the half spectrum (H, W//2+1), flattened.
+
+    Returns (indices, in window, in mirrored window): the entries inside the window W or the
+    mirrored window -W, and for each whether it lies in W and in -W (as 0/1 floats). Only these
+    few entries need angles; everywhere else the output phase is the view's own.
+    """
+    rows, cols = window_mask_1d(H, w, device), window_mask_1d(W, w, device)
+    win = rows[:, None] & cols[None, :]
+    mirrored = torch.roll(torch.flip(win, (0, 1)), shifts=(1, 1), dims=(0, 1))  # win[-i, -j]
+    half = W // 2 + 1
+    a, b = win[:, :half].flatten(), mirrored[:, :half].flatten()
+    idx = (a | b).nonzero().squeeze(1)
+    return idx, a[idx].float(), b[idx].float()
+
+
+def magnitude(f: torch.Tensor) -> torch.Tensor:
+    """|f| of a complex tensor, through hypot on the real view (about 2x faster than .abs() on a CPU)."""
+    r = torch.view_as_real(f)
+    return torch.hypot(r[..., 0], r[..., 1])
+
+
+def with_magnitude(f: torch.Tensor, mag_f: torch.Tensor, new_mag: torch.Tensor) -> torch.Tensor:
+    """new_mag * exp(i * angle(f)), in real arithmetic (no angle, no cos/sin).
+
+    Where f = 0 its angle is 0 (as numpy's), so the result is the real number new_mag.
+    """
+    zero = mag_f == 0
+    out = torch.view_as_real(f) * (new_mag / mag_f.clamp_min(torch.finfo(mag_f.dtype).tiny)).unsqueeze(-1)
+    if zero.any():
+        out[..., 0] = torch.where(zero, new_mag, out[..., 0])
+    return torch.view_as_complex(out)
 
 
 @dataclass(frozen=True)
@@ -69,27 +105,34 @@ class FourierAugment:
 
         ``quantize=False`` returns the real inverse transform before clipping and truncation.
         """
-        x = x.float()
-        p = p.float()
-        B, C, H, W = x.shape
-        fx = torch.fft.rfft2(x)
-        fp = torch.fft.rfft2(p)
-        lam_a = lam_a.to(x.device, torch.float32).view(B, 1, 1, 1)
-        amp = (1 - lam_a) * fx.abs() + lam_a * fp.abs()
-        phase_x = fx.angle()
+        return self._mix_spectra(torch.fft.rfft2(x.float()), torch.fft.rfft2(p.float()), lam_a, lam_p,
+                                 x.shape[-2:], quantize)
+
+    @torch.autocast("cuda", enabled=False)
+    @torch.autocast("cpu", enabled=False)
+    def mix_with_partner(self, x: torch.Tensor, partner: torch.Tensor, lam_a: torch.Tensor,
+                         lam_p: torch.Tensor) -> torch.Tensor:
+        """As :meth:`mix` with ``p = x[partner]``, transforming the batch once instead of twice."""
+        fx = torch.fft.rfft2(x.float())
+        return self._mix_spectra(fx, fx[partner], lam_a, lam_p, x.shape[-2:], True)
+
+    def _mix_spectra(self, fx: torch.Tensor, fp: torch.Tensor, lam_a: torch.Tensor, lam_p: torch.Tensor,
+                     size: tuple[int, int], quantize: bool) -> torch.Tensor:
+        B = fx.shape[0]
+        H, W = size
+        lam_a = lam_a.to(fx.device, torch.float32).view(B, 1, 1, 1)
+        mag_x = magnitude(fx)
+        amp = torch.lerp(mag_x, magnitude(fp), lam_a)  # (1 - lam_a) |F(x)| + lam_a |F(p)|
+        spec = with_magnitude(fx, mag_x, amp)
         w = min(self.hpf_range, H, W)
         if w > 0:
-            lam_p = lam_p.to(x.device, torch.float32).view(B, 1, 1, 1)
-            rows, cols = window_mask_1d(H, w, x.device), window_mask_1d(W, w, x.device)
-            win = rows[:, None] & cols[None, :]
-            mirrored = torch.roll(torch.flip(win, (0, 1)), shifts=(1, 1), dims=(0, 1))  # win[-i, -j]
-            half = W // 2 + 1
-            delta = lam_p * (fp.angle() - phase_x)
-            phase_a = phase_x + delta * win[:, :half]
-            phase_b = phase_x + delta * mirrored[:, :half]
-            spec = amp * (torch.polar(torch.ones_like(amp), phase_a) + torch.polar(torch.ones_like(amp), phase_b)) / 2
-        else:
-            spec = torch.polar(amp, phase_x)
+            idx, in_win, in_mirror = phase_window(H, W, w, fx.device)
+            flat = spec.flatten(-2)
+            phase_x = fx.flatten(-2)[..., idx].angle()
+            delta = lam_p.to(fx.device, torch.float32).view(B, 1, 1) * (fp.flatten(-2)[..., idx].angle() - phase_x)
+            ones = torch.ones_like(phase_x)
+            mixed = (torch.polar(ones, phase_x + delta * in_win) + torch.polar(ones, phase_x + delta * in_mirror)) / 2
+            flat[..., idx] = amp.flatten(-2)[..., idx] * mixed
         out = torch.fft.irfft2(spec, s=(H, W))
         return out.add_(ROUNDOFF_GUARD).clamp_(0, 255).trunc_() if quantize else out
 
@@ -103,7 +146,7 @@ class FourierAugment:
         # exact in float32 for integer pixels (sums < 2**24): no 99.99999 -> 99 truncation flips
         gray = torch.div(wr * x[:, 0] + wg * x[:, 1] + wb * x[:, 2], 1000, rounding_mode="floor")
         f = torch.fft.rfft2(gray)
-        spec = torch.polar(torch.full_like(f.real, self.phase_amplitude), f.angle())
+        spec = with_magnitude(f, magnitude(f), torch.full(f.shape, self.phase_amplitude, device=f.device))
         out = torch.fft.irfft2(spec, s=(H, W)).add_(ROUNDOFF_GUARD).clamp_(0, 255).trunc_()
         return out.unsqueeze(1).expand(-1, 3, -1, -1)
 

@@ -142,8 +142,8 @@ class MultiDomainLoader:
         q_rgb, k_rgb = x1.float(), x2.float()
         if self.fourier_mix:
             partner = random_derangement(len(x1), gen).to(self.device)
-            q_rgb = self.augment.mix(x1, x1[partner], *self.augment.sample_lambdas(len(x1), gen))
-            k_rgb = self.augment.mix(x2, x2[partner], *self.augment.sample_lambdas(len(x2), gen))
+            q_rgb = self.augment.mix_with_partner(x1, partner, *self.augment.sample_lambdas(len(x1), gen))
+            k_rgb = self.augment.mix_with_partner(x2, partner, *self.augment.sample_lambdas(len(x2), gen))
         q_phase, k_phase = self.augment.phase_image(x1), self.augment.phase_image(x2)
         return Batch(normalize(q_phase), normalize(k_phase), normalize(q_rgb), normalize(k_rgb),
                      torch.cat(domain), torch.cat(index), torch.cat(label))
