@@ -260,6 +260,10 @@ class Trainer:
         values = dist.all_reduce_sum(values) / self.world
         elapsed = time.perf_counter() - t_start
         metrics = {f"train/{n}": float(v) for n, v in zip(names, values)}
+        if not all(map(math.isfinite, metrics.values())):
+            bad = sorted(k for k, v in metrics.items() if not math.isfinite(v))
+            raise FloatingPointError(f"non-finite {', '.join(bad)} at global step {self.global_step}; "
+                                     f"the last good state is the latest checkpoint in {self.ckpt_dir}")
         metrics["train/lr"] = lr
         metrics["train/samples_per_s"] = count * self.cfg.train.batch_size / max(elapsed, 1e-9)
         metrics["train/data_wait_fraction"] = (self.loader.data_wait_s - wait_start) / max(elapsed, 1e-9)

@@ -70,6 +70,15 @@ def test_matches_numpy_reference_on_demo_images(demo_manifest):
     _check(x[:, :, :, :57], x[[3, 0, 1, 2], :, :, :57], 21)  # non-square, odd width
 
 
+def test_flat_images_with_exactly_zero_coefficients():
+    """A constant image has no energy off the zero frequency: angle(0) = 0 there, never NaN."""
+    rng = np.random.default_rng(3)
+    x = np.full((2, 3, 24, 24), 200.0)
+    x[1] = 17.0
+    p = rng.integers(0, 256, (2, 3, 24, 24)).astype(np.float64)
+    _check(np.concatenate([x, p]), np.concatenate([p, x]), 8)
+
+
 def test_zero_lambdas_return_the_input_exactly():
     rng = np.random.default_rng(1)
     x = torch.tensor(rng.integers(0, 256, (3, 3, 50, 64)), dtype=torch.float32)

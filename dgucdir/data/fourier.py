@@ -67,7 +67,8 @@ def with_magnitude(f: torch.Tensor, mag_f: torch.Tensor, new_mag: torch.Tensor) 
     Where f = 0 its angle is 0 (as numpy's), so the result is the real number new_mag.
     """
     zero = mag_f == 0
-    out = torch.view_as_real(f) * (new_mag / mag_f.clamp_min(torch.finfo(mag_f.dtype).tiny)).unsqueeze(-1)
+    scale = torch.where(zero, 0.0, new_mag / mag_f)  # where() drops the inf of x/0 instead of spreading it
+    out = torch.view_as_real(f) * scale.unsqueeze(-1)
     if zero.any():
         out[..., 0] = torch.where(zero, new_mag, out[..., 0])
     return torch.view_as_complex(out)
