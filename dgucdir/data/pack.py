@@ -263,7 +263,7 @@ def write_domain(domain: str, samples: list[Checked], out: Path, shard_bytes: in
 def _commit(out: Path, manifest: dict) -> None:
     """Renames temporary files into place, then writes the manifest, then removes stale shards."""
     keep = {out / "manifest.json", out / "skipped.tsv"}
-    for name, d in manifest["domains"].items():
+    for d in manifest["domains"].values():
         for s in d["shards"]:
             for key in ("path", "index"):
                 final = out / s[key]
