@@ -34,7 +34,7 @@ if [ ! -f "$venv/.complete" ]; then
 else
     echo "setup: reusing $venv" >&2
 fi
-here="$("$venv/bin/python" -c 'import dgucdir, pathlib; print(pathlib.Path(dgucdir.__file__).resolve().parents[1])' 2>/dev/null || true)"
+here="$(cd / && "$venv/bin/python" -c 'import dgucdir, pathlib; print(pathlib.Path(dgucdir.__file__).resolve().parents[1])' 2>/dev/null || true)"
 if [ "$here" != "$root" ]; then
     echo "setup: pointing the environment at $root" >&2
     "$venv/bin/pip" install --no-deps -e "$root" >>"$log" 2>&1
