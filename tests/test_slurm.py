@@ -48,39 +48,58 @@ def test_two_tasks_train_to_the_end(slurm_env, tmp_path, demo_manifest):
     assert f"'mlflow_run_id': '{run_id}'" in res.stdout
 
 
-def test_requeue_mid_training_resumes_in_the_same_run(slurm_env, tmp_path, demo_manifest):
-    cfg = tiny_config(tmp_path, demo_manifest, "requeue", epochs=8)
-    res = submit(slurm_env, cfg, tmp_path / "logs", wait=False)
+def interrupt_and_wait(env, tmp_path, demo_manifest, name: str, interrupt: list[str]) -> tuple[str, int]:
+    """Submits an 8-epoch job, runs ``interrupt`` (with the job id appended) once it has a checkpoint,
+    and waits until the restarted job completes; returns (rank-0 log, checkpoint step at the stop)."""
+    cfg = tiny_config(tmp_path, demo_manifest, name, epochs=8)
+    res = submit(env, cfg, tmp_path / "logs", wait=False)
     job_id = re.search(r"submitted job (\d+)", res.stdout).group(1)
-    ckpts = tmp_path / "requeue/checkpoints"
+    ckpts = tmp_path / name / "checkpoints"
     deadline = time.time() + 300
     while not list(ckpts.glob("ckpt-*")) and time.time() < deadline:
         time.sleep(0.1)
-    subprocess.run(["scontrol", "requeue", job_id], env=slurm_env, check=True)
+    subprocess.run([*interrupt, job_id], env=env, check=True)
     stopped_at = None
     while time.time() < deadline:
-        state = subprocess.run(["scontrol", "-o", "show", "job", job_id], env=slurm_env, capture_output=True, text=True).stdout
+        state = subprocess.run(["scontrol", "-o", "show", "job", job_id], env=env, capture_output=True, text=True).stdout
         restarts = int(re.search(r"Restarts=(\d+)", state).group(1))
         if stopped_at is None and restarts >= 1 and "JobState=PENDING" in state:
             stopped_at = max(int(p.name.split("-")[1]) for p in ckpts.glob("ckpt-*"))
             # SLURM holds a requeued job back for about two minutes; the test need not wait for that
-            subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=slurm_env, check=True)
+            subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=env, check=True)
         if restarts >= 1 and "JobState=COMPLETED" in state:
             break
         assert "JobState=FAILED" not in state and "JobState=CANCELLED" not in state, state
         time.sleep(0.5)
     else:
-        pytest.fail("job did not complete after the requeue")
-    log = (tmp_path / "logs" / job_id / f"{job_id}_0_log.err").read_text()
-    assert "received SIGTERM" in log and "checkpoint" in log
-    assert re.search(r"resumed from .*ckpt-0+(\d+): epoch", log)
-    resumed_step = int(re.search(r"resumed from .*ckpt-0+(\d+): epoch", log).group(1))
-    assert stopped_at is not None and resumed_step == stopped_at and 5 <= resumed_step < 40
-    run_id, losses = history(tmp_path / "requeue")  # one MLflow run across the requeue
+        pytest.fail("job did not complete after the interruption")
+    assert stopped_at is not None
+    return (tmp_path / "logs" / job_id / f"{job_id}_0_log.err").read_text(), stopped_at
+
+
+def _check_resumed_run(out_dir: Path, log: str, stopped_at: int) -> None:
+    resumed = re.search(r"resumed from .*ckpt-0+(\d+): epoch", log)
+    assert resumed and int(resumed.group(1)) == stopped_at and 5 <= stopped_at < 40
+    run_id, losses = history(out_dir)  # one MLflow run across the requeue
     assert sorted(losses) == list(range(1, 41))
     from mlflow.tracking import MlflowClient
 
-    assert MlflowClient(f"sqlite:///{tmp_path / 'requeue/mlruns.db'}").get_run(run_id).info.status == "FINISHED"
+    assert MlflowClient(f"sqlite:///{out_dir / 'mlruns.db'}").get_run(run_id).info.status == "FINISHED"
+
+
+def test_requeue_mid_training_resumes_in_the_same_run(slurm_env, tmp_path, demo_manifest):
+    """Preemption: `scontrol requeue` sends SIGTERM; the trainer checkpoints, exits 0, and resumes."""
+    log, stopped_at = interrupt_and_wait(slurm_env, tmp_path, demo_manifest, "requeue", ["scontrol", "requeue"])
+    assert "received SIGTERM" in log and "checkpoint" in log
+    _check_resumed_run(tmp_path / "requeue", log, stopped_at)
+
+
+def test_time_limit_signal_checkpoints_then_submitit_requeues(slurm_env, tmp_path, demo_manifest):
+    """Before a time limit SLURM sends USR2: all ranks stop at one step, checkpoint, and rank 0 hands
+    over to submitit, which calls TrainJob.checkpoint() and requeues the job."""
+    log, stopped_at = interrupt_and_wait(slurm_env, tmp_path, demo_manifest, "usr2", ["scancel", "--signal=USR2"])
+    assert "Caught signal SIGUSR2" in log and "Exiting gracefully after preemption/timeout" in log
+    _check_resumed_run(tmp_path / "usr2", log, stopped_at)
 
 
 def test_dry_run_prints_a_multi_node_sbatch_script(tmp_path):
