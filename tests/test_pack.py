@@ -146,3 +146,18 @@ def test_tree_input_and_readback_with_webdataset_and_dali(tmp_path):
         assert got[15] == got[14]  # the last batch is padded with the last sample
     labels = json.loads((tmp_path / "out/manifest.json").read_text())["domains"]["art"]["class_counts"]
     assert labels == [5, 5, 5]
+
+
+def test_decompression_bombs_and_absurd_sizes_are_skipped(tmp_path):
+    from dgucdir.data.pack import Item, check_image
+
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (20000, 10000)).save(bomb)  # 200 Mpixel, a few kB on disk: PIL's bomb guard trips
+    assert bomb.stat().st_size < 100_000
+    res = check_image(Item("d", bomb, "bomb.png", 0), max_pixels=40_000_000)
+    assert res.data is None and res.reason.startswith("decompression bomb")
+    _jpeg(tmp_path / "ok.jpg", 1)
+    small_limit = check_image(Item("d", tmp_path / "ok.jpg", "ok.jpg", 0), max_pixels=1000)
+    assert small_limit.data is None and small_limit.reason == "absurd size 48x40 (> 1000 pixels)"
+    fine = check_image(Item("d", tmp_path / "ok.jpg", "ok.jpg", 0), max_pixels=40_000_000)
+    assert fine.data == (tmp_path / "ok.jpg").read_bytes() and fine.ext == "jpg"
