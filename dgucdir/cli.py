@@ -99,13 +99,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     trainer = Trainer(cfg, resume="latest")
     if not trainer.fit():
         return 0
-    trained = trainer.run_eval("final")
+
+    def evaluate_encoder(encoder: torch.nn.Module, tag: str):
+        return evaluate(encoder, trainer.manifest, cfg.data.eval_domains, trainer.spec, cfg.eval.batch_size,
+                        cfg.eval.topk, cfg.eval.map_k, cfg.eval.chunk_size, trainer.device,
+                        Path(cfg.train.output_dir) / "eval" / tag)[0]
+
+    # The last epoch was evaluated during fit(), unless this process resumed a finished run.
+    trained = trainer.last_report or evaluate_encoder(trainer.core.encoder_q, "final")
     # The same encoder with random weights (same seed, same architecture): the baseline to beat.
     torch.manual_seed(cfg.train.seed)
-    random_enc = Encoder(cfg.model.arch, cfg.model.proj_dim).to(trainer.device)
-    baseline, _ = evaluate(random_enc, trainer.manifest, cfg.data.eval_domains, trainer.spec, cfg.eval.batch_size,
-                           cfg.eval.topk, cfg.eval.map_k, cfg.eval.chunk_size, trainer.device,
-                           Path(cfg.train.output_dir) / "eval" / "random_init", stem="retrieval")
+    baseline = evaluate_encoder(Encoder(cfg.model.arch, cfg.model.proj_dim).to(trainer.device), "random_init")
     if trainer.rank == 0:
         print("\n## Retrieval between unseen domains, trained encoder\n")
         print(trained.markdown())

@@ -85,12 +85,13 @@ def run_search(args: argparse.Namespace) -> int:
         raise ValueError(exc.args[0]) from None
     size = cfg.data.image_size
     queries = torch.stack([load_query(Path(q), size) for q in args.query]).to(device)
-    feats, labels = gallery_features(encoder, ckpt, manifest, args.gallery, size, cfg.eval.batch_size, device)
+    feats, _ = gallery_features(encoder, ckpt, manifest, args.gallery, size, cfg.eval.batch_size, device)
+    feats = feats.to(device)
     q_feat = F.normalize(encoder.pooled(normalize(queries)).float(), dim=1)
     records = gallery.samples()
     rows = []
     for qpath, qf, qimg in zip(args.query, q_feat, queries):
-        scores, idx = top_matches(feats.to(device), qf, args.top)
+        scores, idx = top_matches(feats, qf, args.top)
         print(f"\nquery {qpath}: top {len(idx)} in {args.gallery!r}")
         print("rank  score   class  index  path")
         tiles = [(Image.fromarray(qimg.permute(1, 2, 0).cpu().numpy()), "blue")]

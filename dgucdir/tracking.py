@@ -72,5 +72,7 @@ class Tracker:
                 self._mlflow.log_artifact(str(p), artifact_path=subdir)
 
     def end(self, status: str = "FINISHED") -> None:
+        """Ends the run; later log calls are dropped (MLflow would silently open a new run for them)."""
         if self.active and self._mlflow.active_run() is not None:
             self._mlflow.end_run(status=status)
+        self.active = False

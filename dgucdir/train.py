@@ -127,6 +127,7 @@ class Trainer:
         self.core: DGUCDIR = self.accelerator.unwrap_model(self.model)
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.clusters: ClusterState | None = None
+        self.last_report: EvalReport | None = None  # the latest evaluation run by this process
         self.tracker = Tracker(cfg, self.rank == 0)
         self.stop = StopFlag()
         run_id = self._resume(resume) if resume else None
@@ -244,6 +245,7 @@ class Trainer:
         self.tracker.log_artifacts(files, f"eval/{tag}")
         log.info("retrieval on unseen domains after %s: %s", tag,
                  ", ".join(f"{k} {100 * v:.2f}" for k, v in report.mean().items()))
+        self.last_report = report
         return report
 
     def _check_ranks_agree(self, report: EvalReport) -> None:

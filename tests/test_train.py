@@ -169,3 +169,21 @@ def test_batch_that_does_not_split_is_an_error_before_training(tmp_path, demo_ma
     assert res.returncode != 0
     assert "train.batch_size=18 must be divisible by n_domains x world_size = 2 x 2 = 4" in res.stderr
     assert not (tmp_path / "bad/checkpoints").exists()
+
+
+def test_tracker_logs_nothing_after_its_run_ended(tmp_path):
+    """MLflow opens a new run for metrics logged with none active; the tracker must not let that happen."""
+    from mlflow.tracking import MlflowClient
+
+    from dgucdir.config import load_config
+    from dgucdir.tracking import Tracker
+
+    cfg = load_config(None, [f"train.output_dir={tmp_path}", "tracking.experiment=tiny"])
+    tracker = Tracker(cfg, active=True)
+    tracker.start()
+    tracker.log_metrics({"a": 1.0}, step=1)
+    tracker.end()
+    tracker.log_metrics({"a": 2.0}, step=2)
+    client = MlflowClient(tracker.uri)
+    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    assert len(runs) == 1 and [m.value for m in client.get_metric_history(runs[0].info.run_id, "a")] == [1.0]

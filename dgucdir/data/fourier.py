@@ -61,7 +61,7 @@ def magnitude(f: torch.Tensor) -> torch.Tensor:
     return torch.hypot(r[..., 0], r[..., 1])
 
 
-def with_magnitude(f: torch.Tensor, mag_f: torch.Tensor, new_mag: torch.Tensor) -> torch.Tensor:
+def with_magnitude(f: torch.Tensor, mag_f: torch.Tensor, new_mag: torch.Tensor | float) -> torch.Tensor:
     """new_mag * exp(i * angle(f)), in real arithmetic (no angle, no cos/sin).
 
     Where f = 0 its angle is 0 (as numpy's), so the result is the real number new_mag.
@@ -147,7 +147,7 @@ class FourierAugment:
         # exact in float32 for integer pixels (sums < 2**24): no 99.99999 -> 99 truncation flips
         gray = torch.div(wr * x[:, 0] + wg * x[:, 1] + wb * x[:, 2], 1000, rounding_mode="floor")
         f = torch.fft.rfft2(gray)
-        spec = with_magnitude(f, magnitude(f), torch.full(f.shape, self.phase_amplitude, device=f.device))
+        spec = with_magnitude(f, magnitude(f), self.phase_amplitude)
         out = torch.fft.irfft2(spec, s=(H, W)).add_(ROUNDOFF_GUARD).clamp_(0, 255).trunc_()
         return out.unsqueeze(1).expand(-1, 3, -1, -1)
 

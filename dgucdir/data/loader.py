@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -54,9 +54,6 @@ class Batch:
 
     def __len__(self) -> int:
         return self.q_rgb.shape[0]
-
-    def to(self, device: torch.device) -> "Batch":
-        return Batch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
 
 def per_rank_batch(global_batch: int, n_domains: int, world_size: int) -> int:
