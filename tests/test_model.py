@@ -9,13 +9,13 @@ from distributed import run_distributed
 B, SIZE = 8, 64
 
 
-def _model(rank_batch=B, **loss):
+def _model(rank_batch=B, joint_bn=False, **loss):
     from dgucdir.config import LossConfig, ModelConfig
     from dgucdir.model.dgucdir import DGUCDIR
 
     torch.manual_seed(0)
-    return DGUCDIR(ModelConfig(arch="resnet_narrow", momentum=0.9), LossConfig(queue_size=32, **loss), 2, rank_batch,
-                   torch.device("cpu"))
+    return DGUCDIR(ModelConfig(arch="resnet_narrow", momentum=0.9, joint_bn=joint_bn), LossConfig(queue_size=32, **loss),
+                   2, rank_batch, torch.device("cpu"))
 
 
 def _batch(seed, n=B):
@@ -86,6 +86,75 @@ def test_cross_terms_use_the_configured_negatives():
         negatives = phase_queue if mode == "query" else rgb_queue
         want = negatives.infonce(q[:B], k[B:], batch.domain, ids, 0.2).loss
         torch.testing.assert_close(out["loss_phase_rgb"], want, rtol=1e-5, atol=1e-5)
+
+
+def _naive_rgb_loss(q, k, domain, queue_keys, fresh_negatives):
+    """InfoNCE written out per query: [own key, negatives] with the negatives listed by hand."""
+    losses = []
+    for i in range(len(q)):
+        same = (domain == domain[i]).nonzero().flatten().tolist()
+        if fresh_negatives:  # the step's keys went in first, over the oldest len(same) slots
+            negatives = torch.cat([k[[j for j in same if j != i]], queue_keys[int(domain[i]), len(same):]])
+        else:
+            negatives = queue_keys[int(domain[i])]
+        logits = torch.cat([(q[i] @ k[i])[None], negatives @ q[i]]) / 0.2
+        losses.append(torch.logsumexp(logits, 0) - logits[0])
+    return torch.stack(losses).mean()
+
+
+def test_batch_negatives_add_the_steps_other_keys_to_the_queue_negatives():
+    batch = _batch(5)
+    results = {}
+    for fresh in (False, True):
+        model = _model(batch_negatives=fresh)
+        model.eval()  # BN on running statistics: the embeddings can be recomputed below
+        queue_keys = model.rgb_queue.keys.clone()
+        with torch.no_grad():
+            out = model(batch)
+            q, k = model.encoder_q(batch.q_rgb)[0], model.encoder_k(batch.k_rgb)[0]
+        results[fresh] = out["loss_rgb_rgb"]
+        torch.testing.assert_close(out["loss_rgb_rgb"], _naive_rgb_loss(q, k, batch.domain, queue_keys, fresh),
+                                   rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(results[False], results[True])
+
+
+def test_phase_and_rgb_views_are_batch_normalised_separately_unless_joint_bn():
+    from dgucdir.model.queue import sample_ids
+
+    batch = _batch(6)
+    ids = sample_ids(batch.domain, batch.index)
+    losses = {}
+    for joint in (False, True):
+        model = _model(joint_bn=joint)  # train mode: BN statistics of the batch each call sees
+        ref = copy.deepcopy(model)
+        out = model(batch)
+        with torch.no_grad():
+            ref.momentum_update()
+            if joint:
+                q = ref.encoder_q(torch.cat([batch.q_phase, batch.q_rgb]))[0][B:]
+                k = ref.shuffled_keys(torch.cat([batch.k_phase, batch.k_rgb]))[B:]
+            else:
+                q, k = ref.encoder_q(batch.q_rgb)[0], ref.shuffled_keys(batch.k_rgb)
+            want = ref.rgb_queue.infonce(q, k, batch.domain, ids, 0.2).loss
+        losses[joint] = out["loss_rgb_rgb"].detach()
+        torch.testing.assert_close(losses[joint], want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(losses[False], losses[True])
+
+
+def test_cluster_loss_is_cross_entropy_of_cosines_over_the_temperature():
+    from dgucdir.model.dgucdir import ClusterTargets
+
+    batch = _batch(7)
+    centroids = torch.nn.functional.normalize(torch.randn(3, 256, generator=torch.Generator().manual_seed(7)), dim=1)
+    assign = torch.arange(B) % 3
+    model = _model(cluster_temperature=0.25)
+    model.eval()
+    with torch.no_grad():
+        out = model(batch, ClusterTargets(centroids, assign))
+        pooled = torch.cat([model.encoder_q(batch.q_phase)[1], model.encoder_q(batch.q_rgb)[1]])
+    # both modalities of a sample are pulled to the centroid of its phase image's cluster
+    want = torch.nn.functional.cross_entropy(pooled @ centroids.T / 0.25, assign.repeat(2))
+    torch.testing.assert_close(out["loss_cluster"], want, rtol=1e-5, atol=1e-5)
 
 
 def test_rgb_only_and_shared_queue_ablations():

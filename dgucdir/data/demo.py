@@ -37,6 +37,16 @@ def _stroke_mask(digit: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.clip((m - 0.15) / 0.6, 0.0, 1.0)
 
 
+def _smooth_noise(rng: np.random.Generator, std: float) -> np.ndarray:
+    """Low-frequency (SIZE, SIZE, 1) variation: paper unevenness, without pixel grain.
+
+    Per-pixel noise would be white in the spectrum and dominate the phase image, which keeps
+    the phase of every frequency at unit weight.
+    """
+    coarse = rng.normal(0, std, (8, 8)).astype(np.float32)
+    return np.asarray(Image.fromarray(coarse, mode="F").resize((SIZE, SIZE), Image.BICUBIC))[..., None]
+
+
 def _blend(bg: np.ndarray, fg: np.ndarray, m: np.ndarray) -> Image.Image:
     img = bg * (1 - m[..., None]) + fg * m[..., None]
     return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
@@ -48,11 +58,12 @@ def _blend(bg: np.ndarray, fg: np.ndarray, m: np.ndarray) -> Image.Image:
 INKS = np.array([[20, 25, 60], [15, 15, 15], [60, 20, 20]], np.float32)
 NEON_HUES = (0.0, 0.15, 0.33, 0.55, 0.8)
 PHOTO_SPOTS = 6
+BOKEH = 2.5
 
 
 def render_ink(m: np.ndarray, rng: np.random.Generator, photos: list[np.ndarray]) -> Image.Image:
     """Dark ink on slightly textured paper."""
-    paper = np.array([245, 238, 220], np.float32) + rng.normal(0, 6, (SIZE, SIZE, 1))
+    paper = np.array([245, 238, 220], np.float32) + _smooth_noise(rng, 6.0)
     return _blend(paper, INKS[rng.integers(len(INKS))], m)
 
 
@@ -72,7 +83,9 @@ def render_photo(m: np.ndarray, rng: np.random.Generator, photos: list[np.ndarra
     spots = np.random.default_rng(spot)  # the spot's place is fixed; each image moves a little around it
     y0, x0 = spots.integers(8, photo.shape[0] - SIZE - 8), spots.integers(8, photo.shape[1] - SIZE - 8)
     y, x = y0 + rng.integers(-8, 9), x0 + rng.integers(-8, 9)
-    crop = 90 + 0.6 * photo[y : y + SIZE, x : x + SIZE].astype(np.float32)
+    # out of focus behind the note: colour and light from the photo, little of its edges
+    crop = Image.fromarray(photo[y : y + SIZE, x : x + SIZE]).filter(ImageFilter.GaussianBlur(BOKEH))
+    crop = 90 + 0.6 * np.asarray(crop, np.float32)
     stroke = rng.uniform(0, 40, 3).astype(np.float32)
     return _blend(crop, stroke, 0.9 * m)
 

@@ -94,16 +94,19 @@ class DGUCDIR(nn.Module):
         queue_domain = torch.zeros_like(batch.domain) if cfg.shared_queue else batch.domain
         ids = sample_ids(batch.domain, batch.index)
 
-        q_in = batch.q_rgb if rgb_only else torch.cat([batch.q_phase, batch.q_rgb])
-        q, pooled = self.encoder_q(self._prep(q_in))
+        q_views = [batch.q_rgb] if rgb_only else [batch.q_phase, batch.q_rgb]
+        k_views = [batch.k_rgb] if rgb_only else [batch.k_phase, batch.k_rgb]
+        if self.model_cfg.joint_bn:
+            q_views, k_views = [torch.cat(q_views)], [torch.cat(k_views)]
+        q_parts = [self.encoder_q(self._prep(x)) for x in q_views]
+        q, pooled = torch.cat([p[0] for p in q_parts]), torch.cat([p[1] for p in q_parts])
         with torch.no_grad():
             self.momentum_update()
-            k_in = batch.k_rgb if rgb_only else torch.cat([batch.k_phase, batch.k_rgb])
-            k = self.shuffled_keys(self._prep(k_in))
+            k = torch.cat([self.shuffled_keys(self._prep(x)) for x in k_views])
 
         out: dict[str, torch.Tensor] = {}
         if rgb_only:
-            q_rgb, k_rgb = q, k
+            q_rgb, k_rgb, k_phase = q, k, None
             terms = {"rgb_rgb": (q_rgb, k_rgb, self.rgb_queue, cfg.w_rgb_rgb)}
         else:
             q_phase, q_rgb = q[:B], q[B:]
@@ -115,6 +118,8 @@ class DGUCDIR(nn.Module):
                 "phase_rgb": (q_phase, k_rgb, self.phase_queue if by_query else self.rgb_queue, cfg.w_phase_rgb),
                 "rgb_phase": (q_rgb, k_phase, self.rgb_queue if by_query else self.phase_queue, cfg.w_rgb_phase),
             }
+        if cfg.batch_negatives:
+            self._enqueue(k_rgb, k_phase, ids, queue_domain)
         total = q.new_zeros((), dtype=torch.float32)
         for name, (query, key, queue, weight) in terms.items():
             res = queue.infonce(query, key, queue_domain, ids, T)
@@ -123,17 +128,22 @@ class DGUCDIR(nn.Module):
             total = total + weight * res.loss
         if clusters is not None and cfg.cluster:
             targets = clusters.assignments.repeat(pooled.shape[0] // B)
-            logits = pooled.float() @ clusters.centroids.float().T  # no temperature, as the original
+            logits = pooled.float() @ clusters.centroids.float().T / cfg.cluster_temperature
             out["loss_cluster"] = F.cross_entropy(logits, targets)
             out["acc_cluster"] = (logits.argmax(1) == targets).float().mean()
             total = total + cfg.cluster_weight * out["loss_cluster"]
         out["loss"] = total
 
-        self.rgb_queue.enqueue(k_rgb, ids, queue_domain)
-        if not rgb_only:
-            self.phase_queue.enqueue(k_phase, ids, queue_domain)
+        if not cfg.batch_negatives:
+            self._enqueue(k_rgb, k_phase, ids, queue_domain)
         self.step += 1
         return out
+
+    def _enqueue(self, k_rgb: torch.Tensor, k_phase: torch.Tensor | None, ids: torch.Tensor,
+                 queue_domain: torch.Tensor) -> None:
+        self.rgb_queue.enqueue(k_rgb, ids, queue_domain)
+        if self.phase_queue is not None:
+            self.phase_queue.enqueue(k_phase, ids, queue_domain)
 
     def queues_state(self) -> dict:
         state = {"rgb": self.rgb_queue.state_dict(), "step": self.step}
