@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from pathlib import Path
 
-from .config import ConfigError, load_config, to_yaml
+from .config import Config, ConfigError, flatten, load_config, to_yaml
 
 log = logging.getLogger("dgucdir")
 
@@ -58,19 +59,57 @@ def cmd_pack(args: argparse.Namespace) -> int:
 
 
 def build_demo_data(out: Path, force: bool = False) -> Path:
-    """Renders and packs the demo dataset unless it is already there; returns the manifest path."""
-    from .data.demo import write_demo_images
+    """Renders and packs the demo dataset unless this renderer's version is already there.
+
+    Returns the manifest path. The version file is written last, so an interrupted build is
+    rebuilt rather than trusted.
+    """
+    from .data.demo import RENDER_VERSION, write_demo_images
     from .data.pack import pack, read_list
 
     manifest = out / "shards" / "manifest.json"
-    if manifest.is_file() and not force:
+    version_file = out / "render_version"
+    found = version_file.read_text().strip() if version_file.is_file() else None
+    if manifest.is_file() and found == str(RENDER_VERSION) and not force:
         log.info("demo data already at %s", manifest)
         return manifest
+    if manifest.is_file() and not force:
+        log.warning("demo data at %s was rendered by version %s, this is version %d: rendering again",
+                    out, found or "1", RENDER_VERSION)
+    version_file.unlink(missing_ok=True)
     lists = write_demo_images(out)
     domains = {d: read_list(d, p, out / "images", 0) for d, p in lists.items()}
     result = pack(domains, out / "shards", [str(i) for i in range(10)], shard_mb=1.0)
+    version_file.write_text(f"{RENDER_VERSION}\n")
     log.info("demo data: %s images packed to %s", result.counts, manifest)
     return manifest
+
+
+def set_aside_stale_run(cfg: Config, out: Path, data_version: str) -> None:
+    """Moves a demo run that was trained with other settings or other demo data out of the way.
+
+    `dgucdir demo` resumes an interrupted run; resuming one that was started with different
+    settings would silently mix them. Nothing is deleted: the old run is renamed.
+    """
+    saved = out / "config.yaml"
+    if not saved.is_file():
+        return
+    try:
+        theirs = flatten(load_config(saved))
+    except ConfigError:
+        theirs = {}
+    mine = flatten(cfg)
+    changed = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+    version_file = out / "render_version"
+    their_data = version_file.read_text().strip() if version_file.is_file() else "1"
+    if their_data != data_version:
+        changed.append(f"demo data version {their_data} -> {data_version}")
+    if not changed:
+        return
+    stale = out.with_name(f"{out.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
+    out.rename(stale)
+    log.warning("%s was trained with other settings (%s): moved it to %s and starting over", out,
+                "; ".join(changed), stale)
 
 
 def cmd_demo_data(args: argparse.Namespace) -> int:
@@ -90,13 +129,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     import torch
 
+    from .data.demo import RENDER_VERSION
     from .model.encoder import Encoder
     from .retrieval import evaluate
     from .train import Trainer
 
     cfg = load_config(args.config, [f"train.output_dir={args.out}", *args.overrides])
     build_demo_data(Path(cfg.data.manifest).parent.parent)
+    out = Path(cfg.train.output_dir)
+    set_aside_stale_run(cfg, out, str(RENDER_VERSION))
     trainer = Trainer(cfg, resume="latest")
+    (out / "render_version").write_text(f"{RENDER_VERSION}\n")
     if not trainer.fit():
         return 0
 

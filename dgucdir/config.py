@@ -70,9 +70,6 @@ class LossConfig:
     batch_negatives: bool = False
     cluster: bool = True
     cluster_weight: float = 0.1
-    # logits of the cluster loss are cosine / cluster_temperature; 1.0 is the original's plain
-    # cosine, whose softmax over k centroids stays near uniform (loss ~ log k, little gradient)
-    cluster_temperature: float = 1.0
     num_clusters: int = 7
     kmeans_niter: int = 20
     kmeans_nredo: int = 5
@@ -166,7 +163,6 @@ _VALUE_RULES: list[tuple[str, typing.Callable[[Any], bool], str]] = [
     ("loss.temperature", lambda v: v > 0, "a number > 0"),
     ("loss.queue_size", lambda v: v >= 1, "an integer >= 1"),
     ("loss.cluster_weight", lambda v: v >= 0, "a number >= 0"),
-    ("loss.cluster_temperature", lambda v: v > 0, "a number > 0"),
     ("loss.num_clusters", lambda v: v >= 2, "an integer >= 2"),
     ("loss.kmeans_niter", lambda v: v >= 1, "an integer >= 1"),
     ("loss.kmeans_nredo", lambda v: v >= 1, "an integer >= 1"),

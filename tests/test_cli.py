@@ -7,6 +7,8 @@ import sys
 import pytest
 import yaml
 
+from dgucdir.config import to_yaml
+
 from test_train import REPO, run, tiny_config
 
 SUBCOMMANDS = ["config", "pack", "demo-data", "demo", "train", "eval", "search", "bench"]
@@ -86,3 +88,42 @@ def test_search_prints_top_k_caches_the_gallery_and_rejects_bad_input(tmp_path, 
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not really")
     bad = cli("search", str(checkpoint), "--gallery", "sketch", "--query", str(tmp_path / "broken.jpg"), check=False)
     assert bad.returncode == 2 and "cannot be read as an image" in bad.stderr
+
+
+def test_demo_data_is_rebuilt_only_when_rendered_by_another_version(tmp_path):
+    from dgucdir.cli import build_demo_data
+    from dgucdir.data.demo import RENDER_VERSION
+
+    manifest = build_demo_data(tmp_path)
+    assert (tmp_path / "render_version").read_text().strip() == str(RENDER_VERSION)
+    first = manifest.stat().st_mtime_ns
+    assert build_demo_data(tmp_path) == manifest and manifest.stat().st_mtime_ns == first  # reused
+    (tmp_path / "render_version").write_text("1\n")  # as an older renderer left it
+    probe = next((tmp_path / "images" / "ink").rglob("*.jpg"))
+    probe.write_bytes(b"stale")
+    build_demo_data(tmp_path)
+    assert probe.read_bytes()[:2] == b"\xff\xd8"  # rendered again: a JPEG once more
+    assert (tmp_path / "render_version").read_text().strip() == str(RENDER_VERSION)
+
+
+@pytest.mark.parametrize("saved_overrides, data_version, reason", [
+    ([], "2", None),  # same settings, same data: resumed in place
+    (["optim.lr=0.5"], "2", "optim.lr"),
+    ([], "1", "demo data version 1 -> 2"),
+])
+def test_demo_sets_aside_a_run_trained_with_other_settings(tmp_path, caplog, saved_overrides, data_version, reason):
+    from dgucdir.cli import set_aside_stale_run
+    from dgucdir.config import load_config
+
+    out = tmp_path / "demo"
+    out.mkdir()
+    saved = load_config(REPO / "configs" / "demo.yaml", [f"train.output_dir={out}", *saved_overrides])
+    (out / "config.yaml").write_text(to_yaml(saved))
+    (out / "render_version").write_text(data_version)
+    set_aside_stale_run(load_config(REPO / "configs" / "demo.yaml", [f"train.output_dir={out}"]), out, "2")
+    moved = list(tmp_path.glob("demo.stale-*"))
+    if reason is None:
+        assert out.is_dir() and not moved
+    else:
+        assert not out.exists() and len(moved) == 1 and (moved[0] / "config.yaml").read_text() == to_yaml(saved)
+        assert reason in caplog.text

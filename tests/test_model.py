@@ -141,22 +141,6 @@ def test_phase_and_rgb_views_are_batch_normalised_separately_unless_joint_bn():
     assert not torch.allclose(losses[False], losses[True])
 
 
-def test_cluster_loss_is_cross_entropy_of_cosines_over_the_temperature():
-    from dgucdir.model.dgucdir import ClusterTargets
-
-    batch = _batch(7)
-    centroids = torch.nn.functional.normalize(torch.randn(3, 256, generator=torch.Generator().manual_seed(7)), dim=1)
-    assign = torch.arange(B) % 3
-    model = _model(cluster_temperature=0.25)
-    model.eval()
-    with torch.no_grad():
-        out = model(batch, ClusterTargets(centroids, assign))
-        pooled = torch.cat([model.encoder_q(batch.q_phase)[1], model.encoder_q(batch.q_rgb)[1]])
-    # both modalities of a sample are pulled to the centroid of its phase image's cluster
-    want = torch.nn.functional.cross_entropy(pooled @ centroids.T / 0.25, assign.repeat(2))
-    torch.testing.assert_close(out["loss_cluster"], want, rtol=1e-5, atol=1e-5)
-
-
 def test_rgb_only_and_shared_queue_ablations():
     from dgucdir.config import LossConfig, ModelConfig
     from dgucdir.model.dgucdir import DGUCDIR

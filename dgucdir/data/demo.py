@@ -17,6 +17,8 @@ from PIL import Image, ImageFilter
 
 DOMAINS = ("ink", "neon", "photo", "sketch")
 SIZE = 64
+# Bumped whenever the rendering changes: a demo folder rendered by another version is rebuilt.
+RENDER_VERSION = 2
 
 
 def _stroke_mask(digit: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -128,7 +128,7 @@ class DGUCDIR(nn.Module):
             total = total + weight * res.loss
         if clusters is not None and cfg.cluster:
             targets = clusters.assignments.repeat(pooled.shape[0] // B)
-            logits = pooled.float() @ clusters.centroids.float().T / cfg.cluster_temperature
+            logits = pooled.float() @ clusters.centroids.float().T  # no temperature, as the original
             out["loss_cluster"] = F.cross_entropy(logits, targets)
             out["acc_cluster"] = (logits.argmax(1) == targets).float().mean()
             total = total + cfg.cluster_weight * out["loss_cluster"]
