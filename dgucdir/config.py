@@ -51,7 +51,6 @@ class ModelConfig:
     momentum: float = 0.999
     moco_init: str | None = None
     rgb_only: bool = False
-    joint_bn: bool = False
     channels_last: bool = False
 
 

@@ -9,13 +9,13 @@ from distributed import run_distributed
 B, SIZE = 8, 64
 
 
-def _model(rank_batch=B, joint_bn=False, **loss):
+def _model(rank_batch=B, **loss):
     from dgucdir.config import LossConfig, ModelConfig
     from dgucdir.model.dgucdir import DGUCDIR
 
     torch.manual_seed(0)
-    return DGUCDIR(ModelConfig(arch="resnet_narrow", momentum=0.9, joint_bn=joint_bn), LossConfig(queue_size=32, **loss),
-                   2, rank_batch, torch.device("cpu"))
+    return DGUCDIR(ModelConfig(arch="resnet_narrow", momentum=0.9), LossConfig(queue_size=32, **loss), 2, rank_batch,
+                   torch.device("cpu"))
 
 
 def _batch(seed, n=B):
@@ -116,29 +116,6 @@ def test_batch_negatives_add_the_steps_other_keys_to_the_queue_negatives():
         torch.testing.assert_close(out["loss_rgb_rgb"], _naive_rgb_loss(q, k, batch.domain, queue_keys, fresh),
                                    rtol=1e-5, atol=1e-5)
     assert not torch.allclose(results[False], results[True])
-
-
-def test_phase_and_rgb_views_are_batch_normalised_separately_unless_joint_bn():
-    from dgucdir.model.queue import sample_ids
-
-    batch = _batch(6)
-    ids = sample_ids(batch.domain, batch.index)
-    losses = {}
-    for joint in (False, True):
-        model = _model(joint_bn=joint)  # train mode: BN statistics of the batch each call sees
-        ref = copy.deepcopy(model)
-        out = model(batch)
-        with torch.no_grad():
-            ref.momentum_update()
-            if joint:
-                q = ref.encoder_q(torch.cat([batch.q_phase, batch.q_rgb]))[0][B:]
-                k = ref.shuffled_keys(torch.cat([batch.k_phase, batch.k_rgb]))[B:]
-            else:
-                q, k = ref.encoder_q(batch.q_rgb)[0], ref.shuffled_keys(batch.k_rgb)
-            want = ref.rgb_queue.infonce(q, k, batch.domain, ids, 0.2).loss
-        losses[joint] = out["loss_rgb_rgb"].detach()
-        torch.testing.assert_close(losses[joint], want, rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(losses[False], losses[True])
 
 
 def test_rgb_only_and_shared_queue_ablations():

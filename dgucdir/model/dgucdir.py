@@ -94,15 +94,12 @@ class DGUCDIR(nn.Module):
         queue_domain = torch.zeros_like(batch.domain) if cfg.shared_queue else batch.domain
         ids = sample_ids(batch.domain, batch.index)
 
-        q_views = [batch.q_rgb] if rgb_only else [batch.q_phase, batch.q_rgb]
-        k_views = [batch.k_rgb] if rgb_only else [batch.k_phase, batch.k_rgb]
-        if self.model_cfg.joint_bn:
-            q_views, k_views = [torch.cat(q_views)], [torch.cat(k_views)]
-        q_parts = [self.encoder_q(self._prep(x)) for x in q_views]
-        q, pooled = torch.cat([p[0] for p in q_parts]), torch.cat([p[1] for p in q_parts])
+        q_in = batch.q_rgb if rgb_only else torch.cat([batch.q_phase, batch.q_rgb])
+        q, pooled = self.encoder_q(self._prep(q_in))
         with torch.no_grad():
             self.momentum_update()
-            k = torch.cat([self.shuffled_keys(self._prep(x)) for x in k_views])
+            k_in = batch.k_rgb if rgb_only else torch.cat([batch.k_phase, batch.k_rgb])
+            k = self.shuffled_keys(self._prep(k_in))
 
         out: dict[str, torch.Tensor] = {}
         if rgb_only:
