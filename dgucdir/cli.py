@@ -96,10 +96,10 @@ def set_aside_stale_run(cfg: Config, out: Path, data_version: str) -> None:
         return
     try:
         theirs = flatten(load_config(saved))
+        mine = flatten(cfg)
+        changed = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
     except ConfigError:
-        theirs = {}
-    mine = flatten(cfg)
-    changed = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+        changed = ["a config this version no longer reads"]
     version_file = out / "render_version"
     their_data = version_file.read_text().strip() if version_file.is_file() else "1"
     if their_data != data_version:

@@ -66,6 +66,8 @@ class LossConfig:
     # negatives of the two cross terms: "query" = the query's modality queue (phase->rgb against
     # the phase queue), as specified; "positive" = the positive key's modality queue
     cross_negatives: Literal["query", "positive"] = "query"
+    # True: the step's keys are enqueued before the loss, so the other samples' fresh keys are
+    # negatives too (own sample masked); False: after it, as MoCo. See docs/DESIGN.md.
     batch_negatives: bool = False
     cluster: bool = True
     cluster_weight: float = 0.1

@@ -110,6 +110,7 @@ def test_demo_data_is_rebuilt_only_when_rendered_by_another_version(tmp_path):
     ([], "2", None),  # same settings, same data: resumed in place
     (["optim.lr=0.5"], "2", "optim.lr"),
     ([], "1", "demo data version 1 -> 2"),
+    (["unreadable"], "2", "a config this version no longer reads"),
 ])
 def test_demo_sets_aside_a_run_trained_with_other_settings(tmp_path, caplog, saved_overrides, data_version, reason):
     from dgucdir.cli import set_aside_stale_run
@@ -117,13 +118,16 @@ def test_demo_sets_aside_a_run_trained_with_other_settings(tmp_path, caplog, sav
 
     out = tmp_path / "demo"
     out.mkdir()
-    saved = load_config(REPO / "configs" / "demo.yaml", [f"train.output_dir={out}", *saved_overrides])
-    (out / "config.yaml").write_text(to_yaml(saved))
+    if saved_overrides == ["unreadable"]:  # written by a version with a key this one lacks
+        saved_text = to_yaml(load_config(REPO / "configs" / "demo.yaml")) + "retired_section:\n  knob: 1\n"
+    else:
+        saved_text = to_yaml(load_config(REPO / "configs" / "demo.yaml", [f"train.output_dir={out}", *saved_overrides]))
+    (out / "config.yaml").write_text(saved_text)
     (out / "render_version").write_text(data_version)
     set_aside_stale_run(load_config(REPO / "configs" / "demo.yaml", [f"train.output_dir={out}"]), out, "2")
     moved = list(tmp_path.glob("demo.stale-*"))
     if reason is None:
         assert out.is_dir() and not moved
     else:
-        assert not out.exists() and len(moved) == 1 and (moved[0] / "config.yaml").read_text() == to_yaml(saved)
+        assert not out.exists() and len(moved) == 1 and (moved[0] / "config.yaml").read_text() == saved_text
         assert reason in caplog.text
