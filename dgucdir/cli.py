@@ -58,6 +58,9 @@ def cmd_pack(args: argparse.Namespace) -> int:
     return 0
 
 
+DEMO_MANIFEST = Path("data/demo/shards/manifest.json")  # where configs/demo.yaml expects the demo
+
+
 def build_demo_data(out: Path, force: bool = False) -> Path:
     """Renders and packs the demo dataset unless this renderer's version is already there.
 
@@ -118,9 +121,15 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    import os
+
     from .train import Trainer
 
     cfg = load_config(args.config, args.overrides)
+    manifest = Path(cfg.data.manifest)
+    if manifest == DEMO_MANIFEST and not manifest.exists() and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        # one process may render the demo data itself; several would race on the same files
+        build_demo_data(DEMO_MANIFEST.parent.parent)
     trainer = Trainer(cfg, resume=args.resume)
     trainer.fit()
     return 0
@@ -274,7 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted config overrides")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("train", help="train (one process, or under accelerate launch / SLURM)")
+    p = sub.add_parser("train", help="train (one process, or under accelerate launch / SLURM)",
+                       description="Trains the config. For configs/demo.yaml, a single process renders "
+                       "the demo data first when data/demo is missing.")
     _add_config_args(p)
     p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
                    help="resume from the latest checkpoint in the output folder (or the one given)")
