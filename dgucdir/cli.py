@@ -126,9 +126,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train import Trainer
 
     cfg = load_config(args.config, args.overrides)
-    manifest = Path(cfg.data.manifest)
-    if manifest == DEMO_MANIFEST and not manifest.exists() and int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        # one process may render the demo data itself; several would race on the same files
+    if Path(cfg.data.manifest) == DEMO_MANIFEST and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        # one process renders missing or outdated demo data itself; several would race on the files
         build_demo_data(DEMO_MANIFEST.parent.parent)
     trainer = Trainer(cfg, resume=args.resume)
     trainer.fit()
@@ -284,8 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("train", help="train (one process, or under accelerate launch / SLURM)",
-                       description="Trains the config. For configs/demo.yaml, a single process renders "
-                       "the demo data first when data/demo is missing.")
+                       description="Trains the config. For configs/demo.yaml, a single process first renders "
+                       "the demo data when data/demo is missing or was rendered by an older version.")
     _add_config_args(p)
     p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
                    help="resume from the latest checkpoint in the output folder (or the one given)")
