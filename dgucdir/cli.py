@@ -67,33 +67,40 @@ def build_demo_data(out: Path, force: bool = False) -> Path:
     Returns the manifest path. The version file is written last, so an interrupted build is
     rebuilt rather than trusted.
     """
-    from .data.demo import RENDER_VERSION, write_demo_images
+    from .data.demo import (
+        RENDER_VERSION,
+        VERSION_FILE,
+        mark_render_version,
+        read_render_version,
+        write_demo_images,
+    )
     from .data.pack import pack, read_list
 
     manifest = out / "shards" / "manifest.json"
-    version_file = out / "render_version"
-    found = version_file.read_text().strip() if version_file.is_file() else None
-    if manifest.is_file() and found == str(RENDER_VERSION) and not force:
-        log.info("demo data already at %s", manifest)
-        return manifest
     if manifest.is_file() and not force:
-        log.warning("demo data at %s was rendered by version %s, this is version %d: rendering again",
-                    out, found or "1", RENDER_VERSION)
-    version_file.unlink(missing_ok=True)
+        found = read_render_version(out)
+        if found == RENDER_VERSION:
+            log.info("demo data already at %s", manifest)
+            return manifest
+        log.warning("demo data at %s was rendered by version %d, this is version %d: rendering again",
+                    out, found, RENDER_VERSION)
+    (out / VERSION_FILE).unlink(missing_ok=True)
     lists = write_demo_images(out)
     domains = {d: read_list(d, p, out / "images", 0) for d, p in lists.items()}
     result = pack(domains, out / "shards", [str(i) for i in range(10)], shard_mb=1.0)
-    version_file.write_text(f"{RENDER_VERSION}\n")
+    mark_render_version(out)
     log.info("demo data: %s images packed to %s", result.counts, manifest)
     return manifest
 
 
-def set_aside_stale_run(cfg: Config, out: Path, data_version: str) -> None:
+def set_aside_stale_run(cfg: Config, out: Path) -> None:
     """Moves a demo run that was trained with other settings or other demo data out of the way.
 
     `dgucdir demo` resumes an interrupted run; resuming one that was started with different
     settings would silently mix them. Nothing is deleted: the old run is renamed.
     """
+    from .data.demo import RENDER_VERSION, read_render_version
+
     saved = out / "config.yaml"
     if not saved.is_file():
         return
@@ -103,10 +110,9 @@ def set_aside_stale_run(cfg: Config, out: Path, data_version: str) -> None:
         changed = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
     except ConfigError:
         changed = ["a config this version no longer reads"]
-    version_file = out / "render_version"
-    their_data = version_file.read_text().strip() if version_file.is_file() else "1"
-    if their_data != data_version:
-        changed.append(f"demo data version {their_data} -> {data_version}")
+    their_data = read_render_version(out)
+    if their_data != RENDER_VERSION:
+        changed.append(f"demo data version {their_data} -> {RENDER_VERSION}")
     if not changed:
         return
     stale = out.with_name(f"{out.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -137,7 +143,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     import torch
 
-    from .data.demo import RENDER_VERSION
+    from .data.demo import mark_render_version
     from .model.encoder import Encoder
     from .retrieval import evaluate
     from .train import Trainer
@@ -145,9 +151,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, [f"train.output_dir={args.out}", *args.overrides])
     build_demo_data(Path(cfg.data.manifest).parent.parent)
     out = Path(cfg.train.output_dir)
-    set_aside_stale_run(cfg, out, str(RENDER_VERSION))
+    set_aside_stale_run(cfg, out)
     trainer = Trainer(cfg, resume="latest")
-    (out / "render_version").write_text(f"{RENDER_VERSION}\n")
+    mark_render_version(out)
     if not trainer.fit():
         return 0
 

@@ -124,7 +124,7 @@ def test_demo_sets_aside_a_run_trained_with_other_settings(tmp_path, caplog, sav
         saved_text = to_yaml(load_config(REPO / "configs" / "demo.yaml", [f"train.output_dir={out}", *saved_overrides]))
     (out / "config.yaml").write_text(saved_text)
     (out / "render_version").write_text(data_version)
-    set_aside_stale_run(load_config(REPO / "configs" / "demo.yaml", [f"train.output_dir={out}"]), out, "2")
+    set_aside_stale_run(load_config(REPO / "configs" / "demo.yaml", [f"train.output_dir={out}"]), out)
     moved = list(tmp_path.glob("demo.stale-*"))
     if reason is None:
         assert out.is_dir() and not moved
