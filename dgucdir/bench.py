@@ -8,7 +8,6 @@ float64), so the ratio is measured on the same machine, the same data and the sa
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .config import Config
 from .data.fourier import FourierAugment
 
 
@@ -111,6 +111,16 @@ def bench_aug(size: int, batch: int, repeat: int) -> dict:
     return result
 
 
+def loader_config(domains: list[str], size: int, threads: int) -> Config:
+    """The default config with the benchmark's domains, image size (window scaled as 50 of 224) and threads."""
+    cfg = Config()
+    cfg.data.train_domains = domains
+    cfg.data.image_size = size
+    cfg.data.num_threads = threads
+    cfg.augment.hpf_range = int(50 * size / 224)
+    return cfg
+
+
 def bench_loader(manifest_path: str, size: int, batch: int, steps: int) -> dict:
     from .data.loader import MultiDomainLoader
     from .data.manifest import Manifest
@@ -118,12 +128,13 @@ def bench_loader(manifest_path: str, size: int, batch: int, steps: int) -> dict:
 
     manifest = Manifest.load(manifest_path)
     domains = list(manifest.domains)[:2]
-    result: dict = {"image_size": size, "batch": batch, "domains": domains, "steps": steps}
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    result: dict = {"image_size": size, "batch": batch, "domains": domains, "steps": steps, "device": device.type}
     threads = torch.get_num_threads()
     for n in sorted({1, threads}):
         torch.set_num_threads(n)
-        loader = MultiDomainLoader(manifest, domains, batch, PipelineSpec(size, 0, 1, None, n),
-                                   FourierAugment(hpf_range=int(50 * size / 224)), 0, torch.device("cpu"))
+        cfg = loader_config(domains, size, n)
+        loader = MultiDomainLoader(cfg, manifest, batch, PipelineSpec.for_device(size, n, device), device)
         it = loader.epoch(0, num_steps=steps + 1)
         next(it)  # pipeline build and first batch
         start = time.perf_counter()
@@ -203,13 +214,13 @@ def bench_eval(sizes: list[int], naive_max: int, dim: int = 2048, classes: int =
     return out
 
 
-def main(args: argparse.Namespace) -> int:
-    if args.what == "aug":
-        result = bench_aug(args.image_size, args.batch_size, args.steps)
-    elif args.what == "loader":
-        result = bench_loader(args.manifest, args.image_size, args.batch_size, args.steps)
+def run_bench(what: str, manifest: str, image_size: int, batch_size: int, steps: int, sizes: list[int],
+              naive_max: int) -> dict:
+    """One benchmark's figures, with the machine they were measured on."""
+    if what == "aug":
+        result = bench_aug(image_size, batch_size, steps)
+    elif what == "loader":
+        result = bench_loader(manifest, image_size, batch_size, steps)
     else:
-        result = bench_eval(args.sizes, args.naive_max)
-    result = {"bench": args.what, "machine": _machine(), **result}
-    print(json.dumps(result, indent=1))
-    return 0
+        result = bench_eval(sizes, naive_max)
+    return {"bench": what, "machine": _machine(), **result}

@@ -1,32 +1,53 @@
-"""Atomic multi-rank checkpoints: one folder per checkpoint, one file per rank plus a shared one.
+"""Atomic multi-rank checkpoints over named stateful objects (the torchtitan/DCP contract).
 
-Every rank writes its own file (queue shard, RNG states) into a temporary folder; rank 0 adds
-the shared state (model, optimizer, schedule position, cluster state, config, MLflow run id)
-and only after all ranks are done renames the folder to ``ckpt-<global step>``. A folder with
-that name is therefore always complete. Loading falls back to the previous checkpoint, with a
-warning, when any rank cannot read its files of the latest one.
+A :class:`Checkpointer` is given two dicts of objects that have ``state_dict()`` and
+``load_state_dict()``: the *shared* ones (identical on every rank: model, optimizer, schedule
+position, cluster state), which rank 0 writes to ``state.pt``, and the *per-rank* ones (queue
+shard, RNG states), which every rank writes to ``rank<r>.pt``. Plus a small ``meta`` dict
+(config, world size, MLflow run id) beside the shared state. Nothing is packed by hand: saving
+and loading walk the same dicts, so a new piece of state is one new entry.
+
+All ranks write into a temporary folder that rank 0 renames to ``ckpt-<global step>`` only
+after every rank is done, so a folder with that name is always complete. Loading takes the
+latest checkpoint that every rank can read, skipping (with a warning) one that any rank cannot.
 """
 
 from __future__ import annotations
 
 import logging
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable, Protocol
 
 import torch
-import torch.distributed
 
 from . import dist
+from .errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
 PREFIX = "ckpt-"
 SHARED = "state.pt"
+META = "meta"
 
 
-def _barrier() -> None:
-    if dist.is_distributed():
-        torch.distributed.barrier()
+class Stateful(Protocol):
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> Any: ...
+
+
+@dataclass(frozen=True)
+class StateFns:
+    """A :class:`Stateful` made of two functions, for state that is not one object of its own."""
+
+    state_dict: Callable[[], dict]
+    load_state_dict: Callable[[dict], Any]
+
+
+def rank_file(rank: int) -> str:
+    return f"rank{rank}.pt"
 
 
 def _atomic_save(obj: dict, path: Path) -> None:
@@ -42,78 +63,85 @@ def list_checkpoints(root: Path) -> list[Path]:
     return sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX)), key=lambda p: p.name)
 
 
-def save(root: Path, step: int, shared: dict, per_rank: dict, keep: int) -> Path:
-    """Writes a checkpoint collectively (every rank calls this); returns its folder."""
-    name = f"{PREFIX}{step:09d}"
-    tmp, final = root / f".tmp-{name}", root / name
-    if dist.rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    _barrier()
-    _atomic_save(per_rank, tmp / f"rank{dist.rank()}.pt")
-    if dist.rank() == 0:
-        _atomic_save(shared, tmp / SHARED)
-    _barrier()
-    if dist.rank() == 0:
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.replace(final)
-        for old in list_checkpoints(root)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-        log.info("checkpoint %s", final)
-    _barrier()
-    return final
-
-
-def _try_load(path: Path) -> tuple[dict, dict] | None:
-    try:
-        shared = torch.load(path / SHARED, map_location="cpu", weights_only=False)
-        own = torch.load(path / f"rank{dist.rank()}.pt", map_location="cpu", weights_only=False)
-        return shared, own
-    except Exception as exc:  # noqa: BLE001 - truncated, missing or corrupt: try the previous one
-        log.warning("rank %d cannot read checkpoint %s (%s: %s)", dist.rank(), path, type(exc).__name__, exc)
-        return None
-
-
-def load(root: Path, explicit: Path | None = None) -> tuple[Path, dict, dict] | None:
-    """The latest checkpoint every rank can read (or ``explicit``), as (folder, shared, own rank's)."""
-    candidates = [explicit] if explicit is not None else list(reversed(list_checkpoints(root)))
-    for i, path in enumerate(candidates):
-        loaded = _try_load(path)
-        ok = torch.tensor([1 if loaded is not None else 0], device=dist.comm_device())
-        if dist.is_distributed():
-            torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
-        if int(ok):
-            if i > 0:
-                log.warning("resuming from %s instead of the unreadable %s", path, candidates[0])
-            return path, *loaded
-        if explicit is not None:
-            raise RuntimeError(f"cannot resume from {explicit}: unreadable on at least one rank")
-    return None
-
-
-def encoder_from_checkpoint(path: Path, cfg=None):
-    """The query encoder of a dgucdir checkpoint (folder or its state.pt) and the config it was trained with.
-
-    ``cfg`` overrides the saved config (its model section must match the checkpoint's tensors).
-    """
-    from .config import from_dict
-    from .model.encoder import Encoder
-
+def read_shared(path: Path) -> dict:
+    """The shared state of a checkpoint folder (or its ``state.pt``), on the CPU; for tools, not resume."""
     path = Path(path)
     state_file = path / SHARED if path.is_dir() else path
     try:
         shared = torch.load(state_file, map_location="cpu", weights_only=False)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
-        raise ValueError(f"{state_file}: not a readable checkpoint ({type(exc).__name__}: {exc})") from exc
-    if not isinstance(shared, dict) or "model" not in shared or "config" not in shared:
-        raise ValueError(f"{state_file}: not a dgucdir checkpoint")
-    cfg = cfg or from_dict(shared["config"])
-    encoder = Encoder(cfg.model.arch, cfg.model.proj_dim)
-    weights = {k[len("encoder_q."):]: v for k, v in shared["model"].items() if k.startswith("encoder_q.")}
-    try:
-        encoder.load_state_dict(weights)
-    except RuntimeError as exc:
-        raise ValueError(f"{state_file}: was trained with another architecture than model.arch={cfg.model.arch} "
-                         f"({str(exc).splitlines()[0]})") from exc
-    return encoder, cfg
+        raise CheckpointError(f"{state_file}: not a readable checkpoint ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(shared, dict) or META not in shared:
+        raise CheckpointError(f"{state_file}: not a dgucdir checkpoint")
+    return shared
+
+
+class Checkpointer:
+    """Saves and restores ``shared`` and ``per_rank`` stateful objects under ``root``."""
+
+    def __init__(self, root: Path, shared: dict[str, Stateful], per_rank: dict[str, Stateful], keep: int) -> None:
+        self.root = Path(root)
+        self.shared = shared
+        self.per_rank = per_rank
+        self.keep = keep
+
+    def save(self, step: int, meta: dict) -> Path:
+        """Writes ``ckpt-<step>`` collectively (every rank calls this); returns its folder."""
+        name = f"{PREFIX}{step:09d}"
+        tmp, final = self.root / f".tmp-{name}", self.root / name
+        rank = dist.rank()
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        dist.barrier()
+        _atomic_save({k: v.state_dict() for k, v in self.per_rank.items()}, tmp / rank_file(rank))
+        if rank == 0:
+            _atomic_save({META: meta, **{k: v.state_dict() for k, v in self.shared.items()}}, tmp / SHARED)
+        dist.barrier()
+        if rank == 0:
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.replace(final)
+            for old in list_checkpoints(self.root)[: -self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+            log.info("checkpoint %s", final)
+        dist.barrier()
+        return final
+
+    def load(self, explicit: Path | None = None) -> tuple[Path, dict] | None:
+        """Restores the latest checkpoint every rank can read (or ``explicit``); returns (folder, meta).
+
+        None when there is no checkpoint. The objects are only touched once all ranks agree on
+        the folder, so a failed attempt leaves them as they were.
+        """
+        candidates = [Path(explicit)] if explicit is not None else list(reversed(list_checkpoints(self.root)))
+        for i, path in enumerate(candidates):
+            loaded = self._read(path)
+            if dist.all_ranks(loaded is not None):
+                if i > 0:
+                    log.warning("resuming from %s instead of the unreadable %s", path, candidates[0])
+                shared, own = loaded
+                meta = shared[META]
+                if meta["world_size"] != dist.world_size():
+                    raise CheckpointError(f"{path} was written by {meta['world_size']} ranks; this job has "
+                                          f"{dist.world_size()} (the queue shards are per rank)")
+                for key, obj in self.shared.items():
+                    obj.load_state_dict(shared[key])
+                for key, obj in self.per_rank.items():
+                    obj.load_state_dict(own[key])
+                return path, meta
+            if explicit is not None:
+                raise CheckpointError(f"cannot resume from {explicit}: unreadable on at least one rank")
+        return None
+
+    def _read(self, path: Path) -> tuple[dict, dict] | None:
+        try:
+            shared = torch.load(path / SHARED, map_location="cpu", weights_only=False)
+            own = torch.load(path / rank_file(dist.rank()), map_location="cpu", weights_only=False)
+            missing = [k for k in (META, *self.shared) if k not in shared] + [k for k in self.per_rank if k not in own]
+            if missing:
+                raise KeyError(f"no {', '.join(missing)} (written by another version?)")
+            return shared, own
+        except Exception as exc:  # noqa: BLE001 - truncated, missing or corrupt: try the previous one
+            log.warning("rank %d cannot read checkpoint %s (%s: %s)", dist.rank(), path, type(exc).__name__, exc)
+            return None

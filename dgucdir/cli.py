@@ -1,14 +1,18 @@
-"""The `dgucdir` command: config, pack, demo-data, demo, train, eval, search, bench, submit."""
+"""The `dgucdir` command: config, pack, demo-data, demo, train, eval, search, bench, submit.
+
+Each command parses its arguments, calls one library function and prints what it returns;
+the work itself lives in the library so that it can be imported and tested without a shell.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
-import time
 from pathlib import Path
 
-from .config import Config, ConfigError, flatten, load_config, to_yaml
+from .config import ConfigError, load_config, to_yaml
+from .errors import UserError
 
 log = logging.getLogger("dgucdir")
 
@@ -58,70 +62,9 @@ def cmd_pack(args: argparse.Namespace) -> int:
     return 0
 
 
-DEMO_MANIFEST = Path("data/demo/shards/manifest.json")  # where configs/demo.yaml expects the demo
-
-
-def build_demo_data(out: Path, force: bool = False) -> Path:
-    """Renders and packs the demo dataset unless this renderer's version is already there.
-
-    Returns the manifest path. The version file is written last, so an interrupted build is
-    rebuilt rather than trusted.
-    """
-    from .data.demo import (
-        RENDER_VERSION,
-        VERSION_FILE,
-        mark_render_version,
-        read_render_version,
-        write_demo_images,
-    )
-    from .data.pack import pack, read_list
-
-    manifest = out / "shards" / "manifest.json"
-    if manifest.is_file() and not force:
-        found = read_render_version(out)
-        if found == RENDER_VERSION:
-            log.info("demo data already at %s", manifest)
-            return manifest
-        log.warning("demo data at %s was rendered by version %d, this is version %d: rendering again",
-                    out, found, RENDER_VERSION)
-    (out / VERSION_FILE).unlink(missing_ok=True)
-    lists = write_demo_images(out)
-    domains = {d: read_list(d, p, out / "images", 0) for d, p in lists.items()}
-    result = pack(domains, out / "shards", [str(i) for i in range(10)], shard_mb=1.0)
-    mark_render_version(out)
-    log.info("demo data: %s images packed to %s", result.counts, manifest)
-    return manifest
-
-
-def set_aside_stale_run(cfg: Config, out: Path) -> None:
-    """Moves a demo run that was trained with other settings or other demo data out of the way.
-
-    `dgucdir demo` resumes an interrupted run; resuming one that was started with different
-    settings would silently mix them. Nothing is deleted: the old run is renamed.
-    """
-    from .data.demo import RENDER_VERSION, read_render_version
-
-    saved = out / "config.yaml"
-    if not saved.is_file():
-        return
-    try:
-        theirs = flatten(load_config(saved))
-        mine = flatten(cfg)
-        changed = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
-    except ConfigError:
-        changed = ["a config this version no longer reads"]
-    their_data = read_render_version(out)
-    if their_data != RENDER_VERSION:
-        changed.append(f"demo data version {their_data} -> {RENDER_VERSION}")
-    if not changed:
-        return
-    stale = out.with_name(f"{out.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
-    out.rename(stale)
-    log.warning("%s was trained with other settings (%s): moved it to %s and starting over", out,
-                "; ".join(changed), stale)
-
-
 def cmd_demo_data(args: argparse.Namespace) -> int:
+    from .demo import build_demo_data
+
     print(build_demo_data(Path(args.out), force=True))
     return 0
 
@@ -129,85 +72,29 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     import os
 
+    from .demo import ensure_demo_data
     from .train import Trainer
 
     cfg = load_config(args.config, args.overrides)
-    if Path(cfg.data.manifest) == DEMO_MANIFEST and int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        # one process renders missing or outdated demo data itself; several would race on the files
-        build_demo_data(DEMO_MANIFEST.parent.parent)
-    trainer = Trainer(cfg, resume=args.resume)
-    trainer.fit()
+    ensure_demo_data(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    Trainer(cfg, resume=args.resume).fit()
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    import torch
+    from .demo import run_demo
 
-    from .data.demo import mark_render_version
-    from .model.encoder import Encoder
-    from .retrieval import evaluate
-    from .train import Trainer
-
-    cfg = load_config(args.config, [f"train.output_dir={args.out}", *args.overrides])
-    build_demo_data(Path(cfg.data.manifest).parent.parent)
-    out = Path(cfg.train.output_dir)
-    set_aside_stale_run(cfg, out)
-    trainer = Trainer(cfg, resume="latest")
-    mark_render_version(out)
-    if not trainer.fit():
-        return 0
-
-    def evaluate_encoder(encoder: torch.nn.Module, tag: str):
-        return evaluate(encoder, trainer.manifest, cfg.data.eval_domains, trainer.spec, cfg.eval.batch_size,
-                        cfg.eval.topk, cfg.eval.map_k, cfg.eval.chunk_size, trainer.device,
-                        Path(cfg.train.output_dir) / "eval" / tag)[0]
-
-    # The last epoch was evaluated during fit(), unless this process resumed a finished run.
-    trained = trainer.last_report or evaluate_encoder(trainer.core.encoder_q, "final")
-    # The same encoder with random weights (same seed, same architecture): the baseline to beat.
-    torch.manual_seed(cfg.train.seed)
-    baseline = evaluate_encoder(Encoder(cfg.model.arch, cfg.model.proj_dim).to(trainer.device), "random_init")
-    if trainer.rank == 0:
-        print("\n## Retrieval between unseen domains, trained encoder\n")
-        print(trained.markdown())
-        print("## Mean over ordered pairs: trained vs the same encoder with random weights\n")
-        print("| metric | trained | random init |\n|---|---|---|")
-        for name, value in trained.mean().items():
-            print(f"| {name} | {100 * value:.2f} | {100 * baseline.mean()[name]:.2f} |")
-        out = Path(cfg.train.output_dir).resolve()
-        print(f"\nTables and pictures: {out / 'eval'}\nMLflow store: {trainer.tracker.uri}\n"
-              f"Open it with: mlflow ui --backend-store-uri {trainer.tracker.uri}")
+    result = run_demo(load_config(args.config, [f"train.output_dir={args.out}", *args.overrides]))
+    if result is not None:
+        print(result.markdown())
     return 0
 
 
-def _load_encoder(args: argparse.Namespace, device):
-    """The encoder to evaluate: from a checkpoint, MoCo v2 weights, or random; plus its config."""
-    import torch
-
-    from .checkpoint import encoder_from_checkpoint
-    from .model.encoder import Encoder, load_moco_v2
-
+def _eval_sources(args: argparse.Namespace) -> tuple[str | None, list[str]]:
+    """(checkpoint, overrides): `eval --init random --config c.yaml key=value` puts key=value first."""
     if args.checkpoint and "=" in args.checkpoint and not Path(args.checkpoint).exists():
-        args.overrides.insert(0, args.checkpoint)  # `eval --init random --config c.yaml key=value`
-        args.checkpoint = None
-    if args.checkpoint:
-        if args.init:
-            raise ConfigError("give a checkpoint or --init, not both")
-        cfg = load_config(args.config, args.overrides) if args.config else None
-        encoder, cfg = encoder_from_checkpoint(Path(args.checkpoint), cfg)
-    else:
-        if not args.init or not args.config:
-            raise ConfigError("evaluate a checkpoint, or a baseline with --init random|moco-v2 PATH and --config")
-        cfg = load_config(args.config, args.overrides)
-        torch.manual_seed(cfg.train.seed)
-        encoder = Encoder(cfg.model.arch, cfg.model.proj_dim)
-        if args.init[0] == "moco-v2":
-            if len(args.init) != 2:
-                raise ConfigError("--init moco-v2 needs the checkpoint path: --init moco-v2 PATH")
-            load_moco_v2(encoder, args.init[1])
-        elif args.init != ["random"]:
-            raise ConfigError(f"--init {' '.join(args.init)}: expected 'random' or 'moco-v2 PATH'")
-    return encoder.to(device), cfg
+        return None, [args.checkpoint, *args.overrides]
+    return args.checkpoint, list(args.overrides)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -215,33 +102,53 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from .data.manifest import Manifest
     from .data.pipeline import PipelineSpec
+    from .model.loading import baseline_encoder, encoder_from_checkpoint
     from .retrieval import evaluate
     from .train import setup_logging
 
     setup_logging(0)
+    checkpoint, overrides = _eval_sources(args)
+    if checkpoint and args.init:
+        raise ConfigError("give a checkpoint or --init, not both")
+    if checkpoint:
+        encoder, cfg = encoder_from_checkpoint(Path(checkpoint), load_config(args.config, overrides) if args.config else None)
+    elif args.init and args.config:
+        cfg = load_config(args.config, overrides)
+        encoder = baseline_encoder(cfg, args.init[0], args.init[1] if len(args.init) > 1 else None)
+    else:
+        raise ConfigError("evaluate a checkpoint, or a baseline with --init random|moco-v2 PATH and --config")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    encoder, cfg = _load_encoder(args, device)
     manifest = Manifest.load(args.manifest or cfg.data.manifest)
-    domains = args.domains or cfg.data.eval_domains
-    spec = PipelineSpec(cfg.data.image_size, 0, 1, 0 if device.type == "cuda" else None, cfg.data.num_threads)
-    out = Path(args.out)
-    report, files = evaluate(encoder, manifest, domains, spec, cfg.eval.batch_size, cfg.eval.topk, cfg.eval.map_k,
-                             cfg.eval.chunk_size, device, out, cfg.eval.picture_queries, cfg.eval.picture_topk)
+    spec = PipelineSpec.for_device(cfg.data.image_size, cfg.data.num_threads, device)
+    report, files = evaluate(encoder.to(device), manifest, args.domains or cfg.data.eval_domains, spec, cfg.eval,
+                             device, Path(args.out), precision=cfg.train.mixed_precision)
     print(report.markdown())
     print(f"saved: {', '.join(str(f) for f in files)}")
     return 0
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from .search import run_search
+    from .search import search
 
-    return run_search(args)
+    results = search(Path(args.checkpoint), args.gallery, [Path(q) for q in args.query], args.top, args.manifest,
+                     Path(args.out))
+    for result in results:
+        print(f"\nquery {result.query}: top {len(result.matches)} in {args.gallery!r}")
+        print("rank  score   class  index  path")
+        for m in result.matches:
+            print(f"{m.rank:>4}  {m.score:6.3f}  {m.class_name:>5}  {m.index:>5}  {m.record.source}")
+    print(f"\npicture: {args.out}")
+    return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from . import bench
+    import json
 
-    return bench.main(args)
+    from .bench import run_bench
+
+    print(json.dumps(run_bench(args.what, args.manifest, args.image_size, args.batch_size, args.steps, args.sizes,
+                               args.naive_max), indent=1))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -340,11 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                             datefmt="%H:%M:%S")
-    from .data.pack import PackError
-
     try:
         return args.func(args)
-    except (ConfigError, PackError, FileNotFoundError, ValueError) as exc:
+    except UserError as exc:  # anything else is a bug or the environment: keep its traceback
         print(f"dgucdir {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

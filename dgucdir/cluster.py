@@ -112,3 +112,57 @@ def spherical_kmeans(x: torch.Tensor, k: int, niter: int = 20, nredo: int = 5, s
             best_result = KMeansResult(centroids, assign, objective)
     assert best_result is not None
     return best_result
+
+
+# --------------------------------------------------------------------------- training-time state
+@dataclass
+class ClusterTargets:
+    """Centroids (k, feature_dim) and each batch sample's cluster id (B,): what the cluster loss needs."""
+
+    centroids: torch.Tensor
+    assignments: torch.Tensor
+
+
+@dataclass
+class ClusterState:
+    """Centroids of the training features and each training sample's cluster, one table per domain."""
+
+    centroids: torch.Tensor
+    tables: list[torch.Tensor]  # tables[d][i]: cluster of sample i of training domain d
+
+    @classmethod
+    def from_local(cls, result: KMeansResult, domain: torch.Tensor, index: torch.Tensor,
+                   domain_sizes: list[int]) -> "ClusterState":
+        """Gathers every rank's (domain, index, cluster) rows into full per-domain tables on every rank."""
+        rows = dist.gather_variable(torch.stack([domain, index, result.assignments], 1))
+        tables = []
+        for d, size in enumerate(domain_sizes):
+            mine = rows[rows[:, 0] == d]
+            table = torch.full((size,), -1, dtype=torch.long, device=result.centroids.device)
+            table[mine[:, 1]] = mine[:, 2]
+            tables.append(table)
+        return cls(result.centroids, tables)
+
+    def targets(self, domain: torch.Tensor, index: torch.Tensor) -> ClusterTargets:
+        ids = torch.empty_like(index)
+        for d, table in enumerate(self.tables):
+            sel = domain == d
+            ids[sel] = table[index[sel]]
+        return ClusterTargets(self.centroids, ids)
+
+
+class ClusterSlot:
+    """Holds the current :class:`ClusterState` (None before the first clustering); checkpointable."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.state: ClusterState | None = None
+
+    def state_dict(self) -> dict:
+        if self.state is None:
+            return {}
+        return {"centroids": self.state.centroids.cpu(), "tables": [t.cpu() for t in self.state.tables]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state = None if not state else ClusterState(
+            state["centroids"].to(self.device), [t.to(self.device) for t in state["tables"]])

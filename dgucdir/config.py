@@ -18,8 +18,10 @@ from typing import Any, Literal
 
 import yaml
 
+from .errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError):
     """A configuration problem, always naming the offending key."""
 
 
@@ -198,10 +200,6 @@ def _cross_checks(cfg: Config) -> None:
     if overlap:
         raise ConfigError(
             f"data.eval_domains: {sorted(overlap)} also in data.train_domains; retrieval is evaluated on unseen domains only"
-        )
-    if cfg.train.batch_size % len(cfg.data.train_domains):
-        raise ConfigError(
-            f"train.batch_size: {cfg.train.batch_size} is not divisible by the {len(cfg.data.train_domains)} training domains"
         )
 
 

@@ -59,6 +59,25 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is True on at least one (one tiny all-reduce)."""
+    if not is_distributed():
+        return flag
+    t = torch.tensor([1 if flag else 0], device=comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def all_ranks(flag: bool) -> bool:
+    """True on every rank when ``flag`` is True on all of them."""
+    return not any_rank(not flag)
+
+
 def broadcast(x: torch.Tensor, src: int) -> torch.Tensor:
     if is_distributed():
         dist.broadcast(x, src)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from . import dist
+from .config import EvalConfig
 from .data.fourier import normalize
 from .data.loader import eval_batches
 from .data.manifest import Domain, Manifest
@@ -112,18 +113,26 @@ def retrieval_metrics(q_feat: torch.Tensor, q_lab: torch.Tensor, g_feat: torch.T
 
 
 # --------------------------------------------------------------------------- features
+def autocast(device: torch.device, precision: str):
+    """The autocast context of a precision name ("no", "bf16", "fp16"), as accelerate names them."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
 @torch.no_grad()
 def embed_local(encoder: torch.nn.Module, domain: Domain, spec: PipelineSpec, batch_size: int,
-                device: torch.device, transform=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                device: torch.device, transform=None, precision: str = "no"
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """This rank's shard of ``domain``: (L2-normalised pooled features, labels, indices within the domain).
 
     ``transform`` maps uint8 images to the encoder's input (default: ImageNet normalisation; the
-    trainer passes phase images for clustering). Runs under bf16 autocast on a GPU.
+    trainer passes phase images for clustering). ``precision`` is the training run's ("no" = fp32,
+    as the original evaluates), so features are embedded the way the model was trained.
     """
     feats, labels, indices = [], [], []
     for images, label, index in eval_batches(domain, spec, batch_size, device):
         x = transform(images) if transform is not None else normalize(images)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with autocast(device, precision):
             feats.append(F.normalize(encoder.pooled(x).float(), dim=1))
         labels.append(label)
         indices.append(index)
@@ -134,13 +143,14 @@ def embed_local(encoder: torch.nn.Module, domain: Domain, spec: PipelineSpec, ba
 
 
 def extract_features(encoder: torch.nn.Module, domain: Domain, spec: PipelineSpec, batch_size: int,
-                     device: torch.device, to_all_ranks: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                     device: torch.device, to_all_ranks: bool = True, precision: str = "no"
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Features and labels of every sample of ``domain`` in dataset order, on every rank (or rank 0 only).
 
     Each rank embeds its shard; the pieces are gathered and put back in order by their index
     within the domain. Ranks other than 0 get empty tensors when ``to_all_ranks`` is False.
     """
-    local = embed_local(encoder, domain, spec, batch_size, device)
+    local = embed_local(encoder, domain, spec, batch_size, device, precision=precision)
     f_all, l_all, i_all = (dist.gather_variable(t, to_all_ranks) for t in local)
     if not to_all_ranks and dist.rank() != 0:
         return local[0][:0], local[1][:0]
@@ -245,29 +255,29 @@ def top_matches(gallery: torch.Tensor, query: torch.Tensor, k: int) -> tuple[tor
 
 
 def evaluate(encoder: torch.nn.Module, manifest: Manifest, domains: list[str], spec: PipelineSpec,
-             batch_size: int, topk: list[int], map_k: int, chunk_size: int, device: torch.device,
-             out_dir: Path | None = None, picture_queries: int = 0, picture_topk: int = 8,
-             stem: str = "retrieval") -> tuple[EvalReport, list[Path]]:
+             cfg: EvalConfig, device: torch.device, out_dir: Path | None = None, stem: str = "retrieval",
+             precision: str = "no") -> tuple[EvalReport, list[Path]]:
     """Embeds every domain once, scores every ordered pair, saves tables (and pictures) on rank 0."""
     manifest.check_domains(domains, "eval domains")
     was_training = encoder.training
     encoder.eval()
-    feats = {d: extract_features(encoder, manifest.domain(d), spec, batch_size, device) for d in domains}
+    feats = {d: extract_features(encoder, manifest.domain(d), spec, cfg.batch_size, device, precision=precision)
+             for d in domains}
     encoder.train(was_training)
-    report = EvalReport(list(domains), list(topk), map_k)
+    report = EvalReport(list(domains), list(cfg.topk), cfg.map_k)
     for q in domains:
         for g in domains:
             if q == g:
                 continue
-            precision, map_all, map_at_k, n = retrieval_metrics(*feats[q], *feats[g], topk, map_k, chunk_size)
-            report.pairs.append(PairMetrics(q, g, precision, map_all, map_at_k, n))
+            scores, map_all, map_at_k, n = retrieval_metrics(*feats[q], *feats[g], cfg.topk, cfg.map_k, cfg.chunk_size)
+            report.pairs.append(PairMetrics(q, g, scores, map_all, map_at_k, n))
     files: list[Path] = []
     if out_dir is not None and dist.rank() == 0:
         files = report.save(out_dir, stem)
-        if picture_queries > 0:
+        if cfg.picture_queries > 0:
             for p in report.pairs:
                 pic = retrieval_picture(manifest.domain(p.query), manifest.domain(p.gallery), *feats[p.query],
-                                        *feats[p.gallery], picture_queries, picture_topk)
+                                        *feats[p.gallery], cfg.picture_queries, cfg.picture_topk)
                 path = out_dir / f"{stem}_{p.query}_to_{p.gallery}.png"
                 pic.save(path)
                 files.append(path)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -12,10 +12,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from .checkpoint import SHARED, encoder_from_checkpoint
+from .checkpoint import SHARED
 from .data.fourier import normalize
-from .data.manifest import Manifest
+from .data.manifest import Manifest, SampleRecord
 from .data.pipeline import PipelineSpec
+from .errors import DataError
+from .model.loading import encoder_from_checkpoint
 from .retrieval import extract_features, picture_grid, thumbnail, top_matches
 
 log = logging.getLogger(__name__)
@@ -27,9 +29,9 @@ def load_query(path: Path, size: int) -> torch.Tensor:
         with Image.open(path) as img:
             img = img.convert("RGB")
     except (FileNotFoundError, IsADirectoryError):
-        raise ValueError(f"query image {path}: no such file") from None
+        raise DataError(f"query image {path}: no such file") from None
     except (UnidentifiedImageError, OSError) as exc:
-        raise ValueError(f"query image {path}: cannot be read as an image ({exc})") from None
+        raise DataError(f"query image {path}: cannot be read as an image ({exc})") from None
     short = round(size * 256 / 224)
     w, h = img.size
     scale = short / min(w, h)
@@ -39,29 +41,33 @@ def load_query(path: Path, size: int) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
 
 
-def gallery_cache_key(ckpt_state: Path, manifest: Manifest, domain: str, image_size: int) -> str:
-    """Changes when the checkpoint's weights, the gallery's shards or the image size change."""
+def weights_digest(encoder: torch.nn.Module) -> str:
+    """sha256 of the encoder's tensors: what the gallery features depend on (not the optimizer etc.)."""
     h = hashlib.sha256()
-    with ckpt_state.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
+    for name, t in sorted(encoder.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def gallery_cache_key(encoder: torch.nn.Module, manifest: Manifest, domain: str, image_size: int) -> str:
+    """Changes when the encoder's weights, the gallery's shards or the image size change."""
+    h = hashlib.sha256(weights_digest(encoder).encode())
     for shard in manifest.domain(domain).shards:
         h.update(shard.sha256.encode())
     h.update(f"{domain}:{image_size}".encode())
     return h.hexdigest()[:20]
 
 
-def gallery_features(encoder, ckpt: Path, manifest: Manifest, domain: str, image_size: int, batch_size: int,
-                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The gallery's features, embedded once and cached next to the checkpoint."""
-    state = ckpt / SHARED if ckpt.is_dir() else ckpt
-    cache_dir = state.parent / "search_cache"
-    path = cache_dir / f"{domain}-{gallery_cache_key(state, manifest, domain, image_size)}.pt"
+def gallery_features(encoder: torch.nn.Module, cache_dir: Path, manifest: Manifest, domain: str, image_size: int,
+                     batch_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gallery's features, embedded once and cached in ``cache_dir``."""
+    path = cache_dir / f"{domain}-{gallery_cache_key(encoder, manifest, domain, image_size)}.pt"
     if path.is_file():
         cached = torch.load(path, map_location=device)
         return cached["features"], cached["labels"]
     log.info("embedding gallery %r (cached in %s)", domain, path)
-    spec = PipelineSpec(image_size, 0, 1, 0 if device.type == "cuda" else None, 2)
+    spec = PipelineSpec.for_device(image_size, 2, device)
     feats, labels = extract_features(encoder, manifest.domain(domain), spec, batch_size, device)
     cache_dir.mkdir(exist_ok=True)
     for stale in cache_dir.glob(f"{domain}-*.pt"):
@@ -72,34 +78,46 @@ def gallery_features(encoder, ckpt: Path, manifest: Manifest, domain: str, image
     return feats, labels
 
 
+@dataclass
+class Match:
+    rank: int
+    score: float
+    index: int
+    record: SampleRecord
+    class_name: str
+
+
+@dataclass
+class SearchResult:
+    query: Path
+    matches: list[Match]
+
+
 @torch.no_grad()
-def run_search(args: argparse.Namespace) -> int:
+def search(checkpoint: Path, gallery: str, queries: list[Path], top: int, manifest_path: str | None = None,
+           picture: Path | None = None) -> list[SearchResult]:
+    """The ``top`` gallery images closest to each query image; optionally a picture of them."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    ckpt = Path(args.checkpoint)
-    encoder, cfg = encoder_from_checkpoint(ckpt)
+    encoder, cfg = encoder_from_checkpoint(checkpoint)
     encoder = encoder.to(device).eval()
-    manifest = Manifest.load(args.manifest or cfg.data.manifest)
-    try:
-        gallery = manifest.domain(args.gallery)
-    except KeyError as exc:
-        raise ValueError(exc.args[0]) from None
+    manifest = Manifest.load(manifest_path or cfg.data.manifest)
+    domain = manifest.domain(gallery)
     size = cfg.data.image_size
-    queries = torch.stack([load_query(Path(q), size) for q in args.query]).to(device)
-    feats, _ = gallery_features(encoder, ckpt, manifest, args.gallery, size, cfg.eval.batch_size, device)
+    images = torch.stack([load_query(q, size) for q in queries]).to(device)
+    state = checkpoint / SHARED if checkpoint.is_dir() else checkpoint
+    feats, _ = gallery_features(encoder, state.parent / "search_cache", manifest, gallery, size,
+                                cfg.eval.batch_size, device)
     feats = feats.to(device)
-    q_feat = F.normalize(encoder.pooled(normalize(queries)).float(), dim=1)
-    records = gallery.samples()
-    rows = []
-    for qpath, qf, qimg in zip(args.query, q_feat, queries):
-        scores, idx = top_matches(feats, qf, args.top)
-        print(f"\nquery {qpath}: top {len(idx)} in {args.gallery!r}")
-        print("rank  score   class  index  path")
-        tiles = [(Image.fromarray(qimg.permute(1, 2, 0).cpu().numpy()), "blue")]
-        for rank, (s, i) in enumerate(zip(scores.tolist(), idx.tolist()), 1):
-            rec = records[i]
-            print(f"{rank:>4}  {s:6.3f}  {manifest.classes[rec.label]:>5}  {i:>5}  {rec.source}")
-            tiles.append((thumbnail(gallery, rec), "gray"))
-        rows.append(tiles)
-    picture_grid(rows).save(args.out)
-    print(f"\npicture: {args.out}")
-    return 0
+    q_feat = F.normalize(encoder.pooled(normalize(images)).float(), dim=1)
+    records = domain.samples()
+    results, rows = [], []
+    for qpath, qf, qimg in zip(queries, q_feat, images):
+        scores, idx = top_matches(feats, qf, top)
+        matches = [Match(r, s, i, records[i], manifest.classes[records[i].label])
+                   for r, (s, i) in enumerate(zip(scores.tolist(), idx.tolist()), 1)]
+        results.append(SearchResult(qpath, matches))
+        rows.append([(Image.fromarray(qimg.permute(1, 2, 0).cpu().numpy()), "blue")]
+                    + [(thumbnail(domain, m.record), "gray") for m in matches])
+    if picture is not None:
+        picture_grid(rows).save(picture)
+    return results

@@ -33,6 +33,7 @@ from typing import Sequence
 import submitit
 
 from dgucdir.config import Config, ConfigError, load_config
+from dgucdir.runtime import check_world_split
 
 log = logging.getLogger("dgucdir.launch")
 
@@ -63,7 +64,7 @@ class TrainJob:
         finished = trainer.fit()
         if usr2["received"] and not finished and callable(requeue_handler):
             requeue_handler(signal.SIGUSR2, None)  # rank 0 requeues through checkpoint(); others return
-        return {"finished": finished, "epoch": trainer.epoch, "global_step": trainer.global_step,
+        return {"finished": finished, "epoch": trainer.progress.epoch, "global_step": trainer.progress.global_step,
                 "rank": env.rank, "world_size": env.world_size, "mlflow_run_id": trainer.tracker.run_id}
 
     def checkpoint(self) -> submitit.helpers.DelayedSubmission:
@@ -176,6 +177,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             runs = [o + [f"train.output_dir={base.train.output_dir}/{_slug(o[len(args.overrides):])}",
                          f"tracking.run_name={_slug(o[len(args.overrides):])}"] for o in runs]
         cfgs = [load_config(args.config, o) for o in runs]  # validate every job before submitting any
+        world = (args.nodes or cfgs[0].launch.nodes) * (args.gpus_per_node or cfgs[0].launch.gpus_per_node)
+        for cfg in cfgs:
+            check_world_split(cfg, world)
     except ConfigError as exc:
         print(f"dgucdir submit: error: {exc}", file=sys.stderr)
         return 2

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -16,7 +15,7 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory) -> Path:
     """Rendered + packed demo dataset: <root>/images, <root>/lists, <root>/shards/manifest.json."""
-    from dgucdir.cli import build_demo_data
+    from dgucdir.demo import build_demo_data
 
     root = tmp_path_factory.mktemp("demo")
     build_demo_data(root)
@@ -26,9 +25,3 @@ def demo_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def demo_manifest(demo_root) -> Path:
     return demo_root / "shards" / "manifest.json"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -12,7 +12,7 @@ from typing import Any, Callable
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import free_port
+from helpers import free_port
 
 
 def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, out_dir: str) -> None:

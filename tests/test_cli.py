@@ -1,24 +1,14 @@
 """The `dgucdir` command: help texts, config printing, pack, eval and search on a real checkpoint."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import yaml
 
-from dgucdir.config import to_yaml
 
-from test_train import REPO, run, tiny_config
+from helpers import REPO, cli, run, tiny_config
 
 SUBCOMMANDS = ["config", "pack", "demo-data", "demo", "train", "eval", "search", "bench"]
-
-
-def cli(*args, check=True):
-    res = subprocess.run([sys.executable, "-m", "dgucdir", *args], cwd=REPO, capture_output=True, text=True, timeout=300)
-    if check:
-        assert res.returncode == 0, res.stdout + res.stderr
-    return res
 
 
 def test_help_explains_every_subcommand():
@@ -90,53 +80,19 @@ def test_search_prints_top_k_caches_the_gallery_and_rejects_bad_input(tmp_path, 
     assert bad.returncode == 2 and "cannot be read as an image" in bad.stderr
 
 
-def test_demo_data_is_rebuilt_only_when_rendered_by_another_version(tmp_path):
-    from dgucdir.cli import build_demo_data
-    from dgucdir.data.demo import RENDER_VERSION
+def test_user_errors_are_one_line_and_bugs_keep_their_traceback(monkeypatch, capsys):
+    from dgucdir import cli as cli_module
+    from dgucdir.errors import DataError
 
-    manifest = build_demo_data(tmp_path)
-    assert (tmp_path / "render_version").read_text().strip() == str(RENDER_VERSION)
-    first = manifest.stat().st_mtime_ns
-    assert build_demo_data(tmp_path) == manifest and manifest.stat().st_mtime_ns == first  # reused
-    (tmp_path / "render_version").write_text("1\n")  # as an older renderer left it
-    probe = next((tmp_path / "images" / "ink").rglob("*.jpg"))
-    probe.write_bytes(b"stale")
-    build_demo_data(tmp_path)
-    assert probe.read_bytes()[:2] == b"\xff\xd8"  # rendered again: a JPEG once more
-    assert (tmp_path / "render_version").read_text().strip() == str(RENDER_VERSION)
+    def user_error(args):
+        raise DataError("no manifest at data/x/manifest.json")
 
+    def bug(args):
+        raise KeyError("a bug")
 
-@pytest.mark.parametrize("saved_overrides, data_version, reason", [
-    ([], "2", None),  # same settings, same data: resumed in place
-    (["optim.lr=0.5"], "2", "optim.lr"),
-    ([], "1", "demo data version 1 -> 2"),
-    (["unreadable"], "2", "a config this version no longer reads"),
-])
-def test_demo_sets_aside_a_run_trained_with_other_settings(tmp_path, caplog, saved_overrides, data_version, reason):
-    from dgucdir.cli import set_aside_stale_run
-    from dgucdir.config import load_config
-
-    out = tmp_path / "demo"
-    out.mkdir()
-    if saved_overrides == ["unreadable"]:  # written by a version with a key this one lacks
-        saved_text = to_yaml(load_config(REPO / "configs" / "demo.yaml")) + "retired_section:\n  knob: 1\n"
-    else:
-        saved_text = to_yaml(load_config(REPO / "configs" / "demo.yaml", [f"train.output_dir={out}", *saved_overrides]))
-    (out / "config.yaml").write_text(saved_text)
-    (out / "render_version").write_text(data_version)
-    set_aside_stale_run(load_config(REPO / "configs" / "demo.yaml", [f"train.output_dir={out}"]), out)
-    moved = list(tmp_path.glob("demo.stale-*"))
-    if reason is None:
-        assert out.is_dir() and not moved
-    else:
-        assert not out.exists() and len(moved) == 1 and (moved[0] / "config.yaml").read_text() == saved_text
-        assert reason in caplog.text
-
-
-def test_train_on_the_demo_config_renders_missing_demo_data_first(tmp_path):
-    res = subprocess.run([sys.executable, "-m", "dgucdir", "train", str(REPO / "configs" / "demo.yaml"),
-                          "train.max_steps=2", "train.output_dir=out", "data.image_size=32", "augment.hpf_range=7"],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
-    assert res.returncode == 0, res.stdout + res.stderr
-    assert (tmp_path / "data" / "demo" / "shards" / "manifest.json").is_file()
-    assert [p.name for p in (tmp_path / "out" / "checkpoints").iterdir()] == ["ckpt-000000002"]
+    monkeypatch.setattr(cli_module, "cmd_config", user_error)
+    assert cli_module.main(["config", "configs/demo.yaml"]) == 2
+    assert capsys.readouterr().err == "dgucdir config: error: no manifest at data/x/manifest.json\n"
+    monkeypatch.setattr(cli_module, "cmd_config", bug)
+    with pytest.raises(KeyError, match="a bug"):
+        cli_module.main(["config", "configs/demo.yaml"])

@@ -5,8 +5,8 @@ import math
 import numpy as np
 import torch
 
-from dgucdir.data.fourier import FourierAugment
-from dgucdir.data.loader import MultiDomainLoader, eval_batches, per_rank_batch, random_derangement
+from dgucdir.config import load_config
+from dgucdir.data.loader import MultiDomainLoader, eval_batches, random_derangement
 from dgucdir.data.manifest import Manifest
 from dgucdir.data.pipeline import PipelineSpec, train_pipeline
 
@@ -14,8 +14,9 @@ CPU = torch.device("cpu")
 
 
 def _loader(manifest, rank=0, world=1, seed=0, batch=16, size=48):
-    return MultiDomainLoader(Manifest.load(manifest), ["ink", "photo"], batch, PipelineSpec(size, rank, world, None, 1),
-                             FourierAugment(hpf_range=10), seed, CPU, shuffle_buffer=128)
+    cfg = load_config(None, ["data.train_domains=[ink,photo]", "data.eval_domains=[neon,sketch]", "augment.hpf_range=10",
+                             f"train.seed={seed}", "data.shuffle_buffer=128", f"data.image_size={size}"])
+    return MultiDomainLoader(cfg, Manifest.load(manifest), batch, PipelineSpec(size, rank, world, None, 1), CPU)
 
 
 def test_batches_are_balanced_shaped_and_cover_every_index(demo_manifest):
@@ -89,13 +90,6 @@ def test_moco_views_are_augmented_and_the_grayscale_branch_happens(demo_manifest
     gray = spread <= 1  # DALI's saturation-0 rounds to within one level
     assert 2 <= gray.sum() <= 30  # neon images are colourful: gray views come from p=0.2 grayscale
     assert spread[~gray].min() > 30
-
-
-def test_batch_split_errors_before_training():
-    assert per_rank_batch(64, 2, 4) == 16
-    import pytest
-    with pytest.raises(ValueError, match="divisible by n_domains x world_size = 2 x 3 = 6"):
-        per_rank_batch(64, 2, 3)
 
 
 def test_random_derangement_has_no_fixed_points():

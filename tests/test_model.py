@@ -44,7 +44,7 @@ def _step_checks(model, batch, clusters=None):
 
 
 def test_one_rank_step_losses_grads_momentum_and_queue():
-    from dgucdir.model.dgucdir import ClusterTargets
+    from dgucdir.cluster import ClusterTargets
 
     model = _model()
     out = _step_checks(model, _batch(1))
@@ -166,6 +166,7 @@ def test_two_rank_step_with_ddp_and_shuffle_bn():
 
 def test_moco_checkpoint_loads_into_encoder(tmp_path):
     import pytest
+    from dgucdir.errors import CheckpointError
     from dgucdir.model.encoder import Encoder, load_moco_v2
 
     src = Encoder("resnet18")
@@ -178,13 +179,13 @@ def test_moco_checkpoint_loads_into_encoder(tmp_path):
     x = torch.randn(2, 3, 64, 64)
     src.eval(), dst.eval()
     torch.testing.assert_close(src(x)[1], dst(x)[1])
-    with pytest.raises(ValueError, match="do not fit this architecture"):
+    with pytest.raises(CheckpointError, match="do not fit this architecture"):
         load_moco_v2(Encoder("resnet_narrow"), tmp_path / "moco.pth.tar")
     torch.save({"model": {}}, tmp_path / "other.pt")
-    with pytest.raises(ValueError, match="not a MoCo v2 checkpoint"):
+    with pytest.raises(CheckpointError, match="not a MoCo v2 checkpoint"):
         load_moco_v2(dst, tmp_path / "other.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="not a readable PyTorch checkpoint"):
+    with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint"):
         load_moco_v2(dst, tmp_path / "junk.pt")
 
 

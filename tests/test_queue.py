@@ -103,11 +103,3 @@ def test_own_sample_is_masked():
     expected = -torch.log(torch.exp(torch.tensor(1.0)) / (torch.exp(torch.tensor(1.0)) + 1 + torch.exp(torch.tensor(-1.0)) + 1))
     assert abs(float(res.loss) - float(expected)) < 1e-6
     assert float(res.accuracy) == 1.0
-
-
-def test_queue_size_must_divide():
-    import pytest
-    from dgucdir.model.queue import ShardedQueue
-
-    with pytest.raises(ValueError, match="queue_size=100 must be divisible by world_size x per-rank batch per domain = 1 x 32"):
-        ShardedQueue(2, 100, 8, 32, torch.device("cpu"))

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from test_train import REPO, history, tiny_config
+from helpers import REPO, history, tiny_config
+
+pytestmark = pytest.mark.slow  # end-to-end runs; `pytest -m "not slow"` skips them while iterating
 
 
 @pytest.fixture(scope="module")

@@ -7,59 +7,13 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
-from conftest import free_port
+from helpers import REPO, free_port, history, run, tiny_config
 
-REPO = Path(__file__).parent.parent
-
-
-def tiny_config(tmp: Path, manifest: Path, name: str, **train) -> Path:
-    cfg = yaml.safe_load((REPO / "configs/demo.yaml").read_text())
-    cfg["data"].update(manifest=str(manifest), image_size=32, num_threads=1, shuffle_buffer=64,
-                       train_domains=["ink", "neon"], eval_domains=["photo", "sketch"])
-    cfg["augment"]["hpf_range"] = 7
-    cfg["loss"].update(queue_size=64, num_clusters=4, kmeans_niter=3, kmeans_nredo=1)
-    cfg["optim"]["lr"] = 0.05
-    cfg["train"].update({**dict(epochs=3, batch_size=16, warmup_epochs=1, output_dir=str(tmp / name), checkpoint_every=1,
-                                keep_checkpoints=5, eval_every=2, log_every=1, max_steps_per_epoch=5), **train})
-    cfg["eval"].update(batch_size=128, picture_queries=2, picture_topk=3)
-    cfg["tracking"]["experiment"] = "tiny"
-    path = tmp / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-def run(args: list[str], procs: int = 1, launcher: str = "torchrun", timeout: int = 300, **kw) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    if procs == 1:
-        cmd = [sys.executable, "-m", "dgucdir", *args]
-    elif launcher == "torchrun":
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_port",
-               str(free_port()), "-m", "dgucdir", *args]
-    else:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(REPO / "launch/accelerate/cpu_2proc.yaml"), "--main_process_port", str(free_port()),
-               "-m", "dgucdir", *args]
-    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, **kw)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
-    return res
-
-
-def history(out_dir: Path, key: str = "train/loss") -> tuple[str, dict[int, float]]:
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(f"sqlite:///{out_dir / 'mlruns.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
-    assert len(runs) == 1, "one MLflow run per job, also across a resume"
-    values: dict[int, float] = {}
-    for m in client.get_metric_history(runs[0].info.run_id, key):
-        values[m.step] = m.value  # a step logged again after a resume keeps its last value
-    return runs[0].info.run_id, values
+pytestmark = pytest.mark.slow  # end-to-end runs; `pytest -m "not slow"` skips them while iterating
 
 
 @pytest.fixture(scope="module")
@@ -153,8 +107,8 @@ def test_accelerate_launch_two_processes_end_to_end(tmp_path, demo_manifest):
     # ranks agree on the evaluation (checked by the trainer itself, which fails otherwise)
     assert "retrieval on unseen domains after epoch_0002" in res.stderr
     state = torch.load(tmp_path / "acc/checkpoints/ckpt-000000010/state.pt", weights_only=False)
-    assert state["world_size"] == 2 and state["mlflow_run_id"] == run_id and state["clusters"] is not None
-    assert all((t >= 0).all() for t in state["clusters"]["tables"])
+    assert state["meta"]["world_size"] == 2 and state["meta"]["mlflow_run_id"] == run_id
+    assert all((t >= 0).all() for t in state["clusters"]["tables"])  # every training sample has a cluster
     # resuming a finished run changes nothing and still ends cleanly
     run(["train", str(cfg), "--resume"], procs=2, launcher="accelerate")
     assert history(tmp_path / "acc")[1] == losses
@@ -171,12 +125,15 @@ def test_batch_that_does_not_split_is_an_error_before_training(tmp_path, demo_ma
     assert not (tmp_path / "bad/checkpoints").exists()
 
 
-def test_tracker_logs_nothing_after_its_run_ended(tmp_path):
+def test_tracker_logs_nothing_after_its_run_ended(tmp_path, monkeypatch):
     """MLflow opens a new run for metrics logged with none active; the tracker must not let that happen."""
     from mlflow.tracking import MlflowClient
 
     from dgucdir.config import load_config
     from dgucdir.tracking import Tracker
+
+    # mlflow.set_tracking_uri() exports MLFLOW_TRACKING_URI; scoped here so later subprocesses don't inherit it
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlruns.db'}")
 
     cfg = load_config(None, [f"train.output_dir={tmp_path}", "tracking.experiment=tiny"])
     tracker = Tracker(cfg, active=True)
@@ -187,3 +144,31 @@ def test_tracker_logs_nothing_after_its_run_ended(tmp_path):
     client = MlflowClient(tracker.uri)
     runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
     assert len(runs) == 1 and [m.value for m in client.get_metric_history(runs[0].info.run_id, "a")] == [1.0]
+
+
+def test_a_stop_on_the_very_last_step_is_a_finished_run_and_every_step_is_logged(tmp_path, demo_manifest):
+    """max_steps falling on the last step used to record KILLED; steps after the last log were never logged."""
+    from mlflow.tracking import MlflowClient
+
+    cfg = tiny_config(tmp_path, demo_manifest, "last", epochs=2, max_steps_per_epoch=3, log_every=2, eval_every=1,
+                      max_steps=6)
+    res = run(["train", str(cfg)])
+    run_id, losses = history(tmp_path / "last")
+    assert sorted(losses) == [2, 3, 4, 6]  # 3: the end of epoch 0 flushes its last step
+    assert MlflowClient(f"sqlite:///{tmp_path / 'last/mlruns.db'}").get_run(run_id).info.status == "FINISHED"
+    assert "retrieval on unseen domains after epoch_0002" in res.stderr
+    assert "stopped at epoch" not in res.stderr
+
+
+def test_metric_window_means_across_steps_and_refuses_non_finite():
+    from dgucdir.metric_window import MetricWindow
+
+    window = MetricWindow()
+    window.add({"loss": torch.tensor(1.0), "acc": torch.tensor(0.5)})
+    window.add({"loss": torch.tensor(3.0), "acc": torch.tensor(1.0)})
+    got = window.reduce(global_step=2, samples_per_step=10, data_wait_s=0.0)
+    assert got["train/loss"] == 2.0 and got["train/acc"] == 0.75 and got["train/samples_per_s"] > 0
+    assert window.steps == 0  # a new window
+    window.add({"loss": torch.tensor(float("nan")), "acc": torch.tensor(1.0)})
+    with pytest.raises(FloatingPointError, match="non-finite train/loss in the steps up to global step 3"):
+        window.reduce(global_step=3, samples_per_step=10, data_wait_s=0.0)

@@ -19,7 +19,7 @@ DOMAINS = ("ink", "neon", "photo", "sketch")
 SIZE = 64
 # Bumped whenever the rendering changes: a demo folder rendered by another version is rebuilt.
 RENDER_VERSION = 2
-VERSION_FILE = "render_version"  # in the data folder, and in a demo run's folder (the data it trained on)
+VERSION_FILE = "render_version"  # in the data folder: which renderer made it
 
 
 def read_render_version(folder: Path) -> int:

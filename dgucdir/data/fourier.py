@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..config import AugmentConfig
+
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 GRAY_WEIGHTS_PER_MILLE = (299, 587, 114)  # PIL's "L" weights; integer so the truncation is exact
@@ -89,6 +91,10 @@ class FourierAugment:
     hpf_alpha: float = 0.4
     hpf_fixed: bool = False
     phase_amplitude: float = 50000.0
+
+    @classmethod
+    def from_config(cls, cfg: AugmentConfig) -> "FourierAugment":
+        return cls(cfg.alpha, cfg.hpf_range, cfg.hpf_alpha, cfg.hpf_fixed, cfg.phase_amplitude)
 
     def sample_lambdas(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Draws (lambda_a, lambda_p) per sample on the CPU, reproducibly from ``generator``."""

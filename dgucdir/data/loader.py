@@ -14,7 +14,6 @@ cross-domain style mixing is what the augmentation is for.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from dataclasses import dataclass
@@ -23,15 +22,11 @@ from typing import Iterator
 import torch
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
+from ..config import Config
+from ..seeding import derive_seed
 from .fourier import FourierAugment, normalize
 from .manifest import Domain, Manifest
 from .pipeline import READER_NAME, PipelineSpec, eval_pipeline, train_pipeline
-
-
-def derive_seed(*parts: object) -> int:
-    """A 31-bit seed from any parts; stable across processes and Python versions."""
-    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
 def dali_to_torch(tensor_list, device: torch.device) -> torch.Tensor:
@@ -56,16 +51,6 @@ class Batch:
         return self.q_rgb.shape[0]
 
 
-def per_rank_batch(global_batch: int, n_domains: int, world_size: int) -> int:
-    """Splits the global batch; an error before training when it cannot be split evenly."""
-    if global_batch % (n_domains * world_size):
-        raise ValueError(
-            f"train.batch_size={global_batch} must be divisible by n_domains x world_size = "
-            f"{n_domains} x {world_size} = {n_domains * world_size}"
-        )
-    return global_batch // world_size
-
-
 class MultiDomainLoader:
     """Yields :class:`Batch` with exactly batch/n_domains samples per training domain per rank.
 
@@ -73,31 +58,18 @@ class MultiDomainLoader:
     around, as in the original code.
     """
 
-    def __init__(
-        self,
-        manifest: Manifest,
-        domains: list[str],
-        batch_size: int,
-        spec: PipelineSpec,
-        augment: FourierAugment,
-        seed: int,
-        device: torch.device,
-        shuffle_buffer: int = 1024,
-        crop_scale_min: float = 0.2,
-        fourier_mix: bool = True,
-    ) -> None:
-        manifest.check_domains(domains, "data.train_domains")
-        if batch_size % len(domains):
-            raise ValueError(f"per-rank batch {batch_size} is not divisible by {len(domains)} training domains")
-        self.domains: list[Domain] = [manifest.domain(d) for d in domains]
-        self.per_domain = batch_size // len(domains)
+    def __init__(self, cfg: Config, manifest: Manifest, rank_batch: int, spec: PipelineSpec,
+                 device: torch.device) -> None:
+        """``rank_batch`` comes from :func:`dgucdir.runtime.validate_runtime`, which checked that it splits."""
+        self.domains: list[Domain] = [manifest.domain(d) for d in cfg.data.train_domains]
+        self.per_domain = rank_batch // len(self.domains)
         self.spec = spec
-        self.augment = augment
-        self.fourier_mix = fourier_mix
-        self.seed = seed
+        self.augment = FourierAugment.from_config(cfg.augment)
+        self.fourier_mix = cfg.augment.fourier
+        self.seed = cfg.train.seed
         self.device = device
-        self.shuffle_buffer = shuffle_buffer
-        self.crop_scale_min = crop_scale_min
+        self.shuffle_buffer = cfg.data.shuffle_buffer
+        self.crop_scale_min = cfg.augment.crop_scale_min
         largest_share = max(math.ceil(d.count / spec.num_shards) for d in self.domains)
         self.steps_per_epoch = math.ceil(largest_share / self.per_domain)
         self.data_wait_s = 0.0  # time spent waiting for DALI, accumulated; the trainer reads it

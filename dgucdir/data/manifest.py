@@ -7,9 +7,12 @@ moved or mounted anywhere.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+
+from ..errors import DataError
 
 MANIFEST_VERSION = 1
 # Components of each webdataset sample. Keys never contain dots (DALI splits at the first one).
@@ -77,10 +80,10 @@ class Manifest:
     def load(cls, path: str | Path) -> "Manifest":
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"no manifest at {path}; create one with `dgucdir pack` (or `dgucdir demo-data`)")
+            raise DataError(f"no manifest at {path}; create one with `dgucdir pack` (or `dgucdir demo-data`)")
         raw = json.loads(path.read_text())
         if raw.get("version") != MANIFEST_VERSION:
-            raise ValueError(f"{path}: manifest version {raw.get('version')!r}, expected {MANIFEST_VERSION}")
+            raise DataError(f"{path}: manifest version {raw.get('version')!r}, expected {MANIFEST_VERSION}")
         root = path.parent
         domains = {}
         for name, d in raw["domains"].items():
@@ -88,12 +91,16 @@ class Manifest:
             domains[name] = Domain(name, d["count"], d["class_counts"], shards, root / d["samples"])
         return cls(path, raw["classes"], raw["label_offset"], domains)
 
+    def fingerprint(self) -> str:
+        """sha256 of manifest.json, which lists every shard's sha256: changes whenever the data does."""
+        return hashlib.sha256(self.path.read_bytes()).hexdigest()
+
     def domain(self, name: str) -> Domain:
         if name not in self.domains:
-            raise KeyError(f"domain {name!r} is not in {self.path}; it has: {', '.join(self.domains)}")
+            raise DataError(f"domain {name!r} is not in {self.path}; it has: {', '.join(self.domains)}")
         return self.domains[name]
 
     def check_domains(self, names: list[str], what: str) -> None:
         missing = [n for n in names if n not in self.domains]
         if missing:
-            raise ValueError(f"{what}: {missing} not in {self.path}; it has: {', '.join(self.domains)}")
+            raise DataError(f"{what}: {missing} not in {self.path}; it has: {', '.join(self.domains)}")

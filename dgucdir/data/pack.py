@@ -29,6 +29,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
+from ..errors import DataError
 from .manifest import CLASS_EXT, INDEX_EXT, LABEL_EXT, MANIFEST_VERSION, PATH_EXT
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".we
 PACK_SEED = 20231001  # fixed: shard order must not depend on anything but the input
 
 
-class PackError(ValueError):
+class PackError(DataError):
     """Bad packing input (malformed list line, unknown folder layout)."""
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from nvidia.dali import fn, pipeline_def, types
 
 from .manifest import IMAGE_EXTS, INDEX_EXT, LABEL_EXT, Domain
@@ -112,6 +113,14 @@ class PipelineSpec:
     @property
     def on_gpu(self) -> bool:
         return self.device_id is not None
+
+    @classmethod
+    def for_device(cls, image_size: int, num_threads: int, device: torch.device, rank: int = 0, world: int = 1
+                   ) -> "PipelineSpec":
+        """This rank's spec: DALI decodes on ``device``'s GPU when it is one, on the CPU otherwise."""
+        device_id = (device.index if device.index is not None else torch.cuda.current_device()) \
+            if device.type == "cuda" else None
+        return cls(image_size, rank, world, device_id, num_threads)
 
 
 def train_pipeline(domain: Domain, spec: PipelineSpec, batch_size: int, seed: int, initial_fill: int,

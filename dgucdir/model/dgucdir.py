@@ -9,25 +9,18 @@ loss; that dead work is not reproduced.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .. import dist
+from ..cluster import ClusterTargets
 from ..config import LossConfig, ModelConfig
-from ..data.loader import Batch, derive_seed
+from ..data.loader import Batch
+from ..seeding import derive_seed
 from .encoder import Encoder
 from .queue import ShardedQueue, sample_ids
-
-
-@dataclass
-class ClusterTargets:
-    """Centroids (k, feature_dim) and each batch sample's cluster id (B,)."""
-
-    centroids: torch.Tensor
-    assignments: torch.Tensor
 
 
 class DGUCDIR(nn.Module):
@@ -41,6 +34,7 @@ class DGUCDIR(nn.Module):
         for p in self.encoder_k.parameters():
             p.requires_grad_(False)
         self.n_domains = n_domains
+        self.seed = seed
         queue_domains = 1 if loss_cfg.shared_queue else n_domains
         per_domain = rank_batch if loss_cfg.shared_queue else rank_batch // n_domains
         self.rgb_queue = ShardedQueue(queue_domains, loss_cfg.queue_size, model_cfg.proj_dim, per_domain, device, seed)
@@ -68,10 +62,10 @@ class DGUCDIR(nn.Module):
         statistics come from other samples than its query's. With one process the permuted batch
         is embedded in two halves (BN statistics per half), the single-GPU stand-in MoCo users
         apply: without it the key and query of a sample share batch statistics, which lets the
-        model "cheat" the pretext task. The permutation comes from a generator seeded by the
+        model "cheat" the pretext task. The permutation comes from a generator seeded by train.seed and the
         step, identical on every rank: no broadcast, and a resumed run shuffles exactly as before.
         """
-        gen = torch.Generator().manual_seed(derive_seed("shuffle-bn", self.step))
+        gen = torch.Generator().manual_seed(derive_seed("shuffle-bn", self.seed, self.step))
         n, r = x.shape[0], dist.rank()
         x_all = dist.all_gather(x)
         perm = torch.randperm(x_all.shape[0], generator=gen).to(x.device)

@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.resnet import BasicBlock, ResNet, resnet18, resnet50
 
+from ..errors import CheckpointError
+
 log = logging.getLogger(__name__)
 
 MOCO_PREFIX = "module.encoder_q."
@@ -74,16 +76,16 @@ def load_moco_v2(encoder: Encoder, path: str | Path) -> tuple[list[str], list[st
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})") from exc
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})") from exc
     state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
     if not isinstance(state, dict) or not any(k.startswith(MOCO_PREFIX) for k in state):
-        raise ValueError(f"{path}: not a MoCo v2 checkpoint (expected a 'state_dict' with '{MOCO_PREFIX}*' keys)")
+        raise CheckpointError(f"{path}: not a MoCo v2 checkpoint (expected a 'state_dict' with '{MOCO_PREFIX}*' keys)")
     weights = {k[len(MOCO_PREFIX):]: v for k, v in state.items() if k.startswith(MOCO_PREFIX)}
     own = encoder.net.state_dict()
     bad = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in weights.items()
            if k in own and own[k].shape != v.shape]
     if bad:
-        raise ValueError(f"{path}: tensors do not fit this architecture: " + "; ".join(bad[:5]))
+        raise CheckpointError(f"{path}: tensors do not fit this architecture: " + "; ".join(bad[:5]))
     result = encoder.net.load_state_dict(weights, strict=False)
     if result.missing_keys:
         log.warning("MoCo v2 init from %s: missing keys %s", path, result.missing_keys)

@@ -40,11 +40,8 @@ class ShardedQueue:
     def __init__(self, n_domains: int, size: int, dim: int, rank_batch_per_domain: int, device: torch.device,
                  seed: int = 0) -> None:
         world = dist.world_size()
-        if size % (world * rank_batch_per_domain):
-            raise ValueError(
-                f"loss.queue_size={size} must be divisible by world_size x per-rank batch per domain = "
-                f"{world} x {rank_batch_per_domain} = {world * rank_batch_per_domain}"
-            )
+        # validate_runtime() tells the user; this guards the FIFO arithmetic of enqueue()
+        assert size % (world * rank_batch_per_domain) == 0, (size, world, rank_batch_per_domain)
         self.shard_size = size // world
         gen = torch.Generator().manual_seed(seed * 1000 + dist.rank())
         self.keys = F.normalize(torch.randn(n_domains, self.shard_size, dim, generator=gen), dim=2).to(device)

@@ -1,0 +1,52 @@
+"""Where an encoder to evaluate or search with comes from: a training checkpoint, MoCo v2 weights, or a seed.
+
+Kept beside the encoder (not in the generic checkpoint module) because it is the one place
+that knows how a DG-UCDIR checkpoint's model state maps onto an :class:`Encoder`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import META, read_shared
+from ..config import Config, from_dict
+from ..errors import CheckpointError
+from .encoder import Encoder, load_moco_v2
+
+QUERY_PREFIX = "encoder_q."
+
+
+def encoder_state(shared: dict) -> dict[str, torch.Tensor]:
+    """The query encoder's tensors out of a checkpoint's shared state."""
+    return {k[len(QUERY_PREFIX):]: v for k, v in shared["model"].items() if k.startswith(QUERY_PREFIX)}
+
+
+def encoder_from_checkpoint(path: Path, cfg: Config | None = None) -> tuple[Encoder, Config]:
+    """The query encoder of a dgucdir checkpoint (folder or its state.pt) and the config it was trained with.
+
+    ``cfg`` replaces the saved config (its model section must match the checkpoint's tensors).
+    """
+    shared = read_shared(path)
+    cfg = cfg or from_dict(shared[META]["config"])
+    encoder = Encoder(cfg.model.arch, cfg.model.proj_dim)
+    try:
+        encoder.load_state_dict(encoder_state(shared))
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: was trained with another architecture than model.arch={cfg.model.arch} "
+                              f"({str(exc).splitlines()[0]})") from exc
+    return encoder, cfg
+
+
+def baseline_encoder(cfg: Config, init: str, moco_path: str | None = None) -> Encoder:
+    """An untrained encoder of ``cfg``'s architecture: ``init`` 'random' (seeded by train.seed) or 'moco-v2'."""
+    torch.manual_seed(cfg.train.seed)
+    encoder = Encoder(cfg.model.arch, cfg.model.proj_dim)
+    if init == "moco-v2":
+        if not moco_path:
+            raise CheckpointError("--init moco-v2 needs the checkpoint path: --init moco-v2 PATH")
+        load_moco_v2(encoder, moco_path)
+    elif init != "random":
+        raise CheckpointError(f"--init {init}: expected 'random' or 'moco-v2 PATH'")
+    return encoder

@@ -1,0 +1,38 @@
+"""The checks a training job can only make once it knows its data and its world size.
+
+``load_config`` validates what a config says on its own; :func:`validate_runtime` is the one
+place for what depends on the packed dataset and the number of processes, run by every rank
+before anything is built, so a job that cannot run stops with one clear error and writes nothing.
+"""
+
+from __future__ import annotations
+
+from .config import Config, ConfigError
+from .data.manifest import Manifest
+
+
+def validate_runtime(cfg: Config, manifest: Manifest, world: int) -> int:
+    """Raises ConfigError (or DataError) for a job that cannot run; returns the per-rank batch size."""
+    manifest.check_domains(cfg.data.train_domains, "data.train_domains")
+    manifest.check_domains(cfg.data.eval_domains, "data.eval_domains")
+    rank_batch = check_world_split(cfg, world)
+    n_train = sum(manifest.domain(d).count for d in cfg.data.train_domains)
+    if cfg.loss.cluster and cfg.loss.num_clusters > n_train:
+        raise ConfigError(f"loss.num_clusters={cfg.loss.num_clusters}: only {n_train} training images to cluster")
+    return rank_batch
+
+
+def check_world_split(cfg: Config, world: int) -> int:
+    """The checks that need only the world size (also made by `dgucdir submit` before a job queues)."""
+    n_domains = len(cfg.data.train_domains)
+    batch = cfg.train.batch_size
+    if batch % (n_domains * world):
+        raise ConfigError(f"train.batch_size={batch} must be divisible by n_domains x world_size = "
+                          f"{n_domains} x {world} = {n_domains * world}")
+    rank_batch = batch // world
+    per_queue = rank_batch if cfg.loss.shared_queue else rank_batch // n_domains
+    if cfg.loss.queue_size % (world * per_queue):
+        raise ConfigError(f"loss.queue_size={cfg.loss.queue_size} must be divisible by world_size x per-rank batch "
+                          f"per {'step' if cfg.loss.shared_queue else 'domain'} = {world} x {per_queue} = "
+                          f"{world * per_queue}")
+    return rank_batch
