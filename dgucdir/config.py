@@ -44,6 +44,9 @@ class AugmentConfig:
     hpf_fixed: bool = False
     phase_amplitude: float = 50000.0
     crop_scale_min: float = 0.2
+    # "raw": each view its own partner, a raw resized training image of any training domain (the
+    # original); "batch": one augmented in-batch partner per sample, shared by both views (ablation)
+    partner: Literal["raw", "batch"] = "raw"
 
 
 @dataclass
@@ -51,6 +54,7 @@ class ModelConfig:
     arch: Literal["resnet50", "resnet18", "resnet_narrow"] = "resnet50"
     proj_dim: int = 128
     momentum: float = 0.999
+    # path to MoCo v2 weights; null or "none": random init; "required": refuse to start without a path
     moco_init: str | None = None
     rgb_only: bool = False
     channels_last: bool = False
@@ -92,7 +96,9 @@ class TrainConfig:
     batch_size: int = 64
     warmup_epochs: int = 20
     seed: int = 0
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    # null: what the launcher asks for (`accelerate launch --mixed_precision`, its config file), else
+    # fp32; a value here overrides the launcher. The original trains and evaluates in fp32.
+    mixed_precision: Literal["no", "bf16", "fp16"] | None = None
     output_dir: str = "runs/default"
     checkpoint_every: int = 1
     keep_checkpoints: int = 3

@@ -120,7 +120,7 @@ def run_demo(cfg: Config) -> DemoResult | None:
 
     def evaluate_encoder(encoder: torch.nn.Module, tag: str) -> EvalReport:
         return evaluate(encoder, trainer.manifest, cfg.data.eval_domains, trainer.spec, cfg.eval, trainer.device,
-                        out / "eval" / tag, precision=cfg.train.mixed_precision)[0]
+                        out / "eval" / tag, precision=trainer.precision)[0]
 
     # The last epoch was evaluated during fit(), unless this process resumed a finished run.
     trained = trainer.last_report or evaluate_encoder(trainer.core.encoder_q, "final")

@@ -7,6 +7,8 @@ before anything is built, so a job that cannot run stops with one clear error an
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from .config import Config, ConfigError
 from .data.manifest import Manifest
 
@@ -15,11 +17,36 @@ def validate_runtime(cfg: Config, manifest: Manifest, world: int) -> int:
     """Raises ConfigError (or DataError) for a job that cannot run; returns the per-rank batch size."""
     manifest.check_domains(cfg.data.train_domains, "data.train_domains")
     manifest.check_domains(cfg.data.eval_domains, "data.eval_domains")
-    rank_batch = check_world_split(cfg, world)
+    rank_batch = check_before_launch(cfg, world)
     n_train = sum(manifest.domain(d).count for d in cfg.data.train_domains)
     if cfg.loss.cluster and cfg.loss.num_clusters > n_train:
         raise ConfigError(f"loss.num_clusters={cfg.loss.num_clusters}: only {n_train} training images to cluster")
     return rank_batch
+
+
+MOCO_V2_SOURCE = ("moco_v2_800ep_pretrain.pth.tar from https://github.com/facebookresearch/moco "
+                  "(README, 'Models')")
+
+
+def moco_init_path(cfg: Config) -> str | None:
+    """The MoCo v2 weights to start from, None for random init; a clear error when they are missing."""
+    value = cfg.model.moco_init
+    if value is None or value.lower() == "none":
+        return None
+    if value == "required":
+        raise ConfigError(f"model.moco_init: this config starts from MoCo v2 ImageNet weights, as the paper does; "
+                          f"download {MOCO_V2_SOURCE} and pass model.moco_init=PATH (or model.moco_init=none to "
+                          "train from random weights, which is not the paper's setting)")
+    if not Path(value).is_file():
+        raise ConfigError(f"model.moco_init: {value} does not exist (expected {MOCO_V2_SOURCE})")
+    return value
+
+
+def check_before_launch(cfg: Config, world: int) -> int:
+    """The checks that need no data: world-size splits and the initial weights (`dgucdir submit` runs
+    them before a job waits in the queue). Returns the per-rank batch."""
+    moco_init_path(cfg)
+    return check_world_split(cfg, world)
 
 
 def check_world_split(cfg: Config, world: int) -> int:

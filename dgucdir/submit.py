@@ -33,7 +33,7 @@ from typing import Sequence
 import submitit
 
 from dgucdir.config import Config, ConfigError, load_config
-from dgucdir.runtime import check_world_split
+from dgucdir.runtime import check_before_launch
 
 log = logging.getLogger("dgucdir.launch")
 
@@ -179,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfgs = [load_config(args.config, o) for o in runs]  # validate every job before submitting any
         world = (args.nodes or cfgs[0].launch.nodes) * (args.gpus_per_node or cfgs[0].launch.gpus_per_node)
         for cfg in cfgs:
-            check_world_split(cfg, world)
+            check_before_launch(cfg, world)
     except ConfigError as exc:
         print(f"dgucdir submit: error: {exc}", file=sys.stderr)
         return 2

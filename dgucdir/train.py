@@ -36,7 +36,7 @@ from .metric_window import MetricWindow
 from .model.dgucdir import DGUCDIR
 from .model.encoder import load_moco_v2
 from .retrieval import EvalReport, embed_local, evaluate
-from .runtime import validate_runtime
+from .runtime import moco_init_path, validate_runtime
 from .seeding import ProcessRNG, derive_seed, seed_process
 from .tracking import Tracker
 
@@ -92,8 +92,9 @@ def cosine_lr(base: float, epoch: int, epochs: int, schedule: str) -> float:
 
 def build_model(cfg: Config, n_domains: int, rank_batch: int, device: torch.device) -> DGUCDIR:
     model = DGUCDIR(cfg.model, cfg.loss, n_domains, rank_batch, device, cfg.train.seed)
-    if cfg.model.moco_init:
-        load_moco_v2(model.encoder_q, cfg.model.moco_init)
+    moco_init = moco_init_path(cfg)
+    if moco_init:
+        load_moco_v2(model.encoder_q, moco_init)
         model.encoder_k.load_state_dict(model.encoder_q.state_dict())
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -114,6 +115,9 @@ class Trainer:
         self.accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not torch.cuda.is_available())
         self.rank, self.world = dist.rank(), dist.world_size()
         setup_logging(self.rank)
+        # what this run really uses (config, else the launcher's choice): evaluation and clustering
+        # embed under the same precision, and it is logged with the run
+        self.precision = str(self.accelerator.mixed_precision)
         self.device = self.accelerator.device
         self.manifest = Manifest.load(cfg.data.manifest)
         self.rank_batch = validate_runtime(cfg, self.manifest, self.world)
@@ -173,16 +177,17 @@ class Trainer:
     # ------------------------------------------------------------------ clustering
     @torch.no_grad()
     def compute_clusters(self) -> ClusterState:
-        """k-means on the pooled features of the training phase images; each rank embeds only its shard."""
+        """k-means on the pooled features of the training images' colour phase images; each rank embeds its shard."""
         encoder = self.core.encoder_q
         was_training = encoder.training
         encoder.eval()
         augment = self.loader.augment
-        transform = None if self.cfg.model.rgb_only else (lambda x: normalize(augment.phase_image(x)))
+        # colour phase images, as the original clusters (its training proxy is the grayscale one)
+        transform = None if self.cfg.model.rgb_only else (lambda x: normalize(augment.color_phase_image(x)))
         feats, domains, indices = [], [], []
         for d, name in enumerate(self.cfg.data.train_domains):
             f, _, idx = embed_local(encoder, self.manifest.domain(name), self.spec, self.cfg.eval.batch_size,
-                                    self.device, transform, self.cfg.train.mixed_precision)
+                                    self.device, transform, self.precision)
             feats.append(f)
             indices.append(idx)
             domains.append(torch.full_like(idx, d))
@@ -200,7 +205,7 @@ class Trainer:
     def run_eval(self, tag: str) -> EvalReport:
         report, files = evaluate(self.core.encoder_q, self.manifest, self.cfg.data.eval_domains, self.spec,
                                  self.cfg.eval, self.device, self.out_dir / "eval" / tag,
-                                 precision=self.cfg.train.mixed_precision)
+                                 precision=self.precision)
         self._check_ranks_agree(report)
         self.tracker.log_metrics({f"eval/{k}": v for k, v in report.flat_metrics().items()}, self.progress.global_step)
         self.tracker.log_artifacts(files, f"eval/{tag}")

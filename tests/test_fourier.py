@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dgucdir.data.fourier import FourierAugment, normalize
+from dgucdir.data.fourier import FourierAugment, grayscale, normalize
 from dgucdir.data.manifest import Manifest
 
 
@@ -24,10 +24,19 @@ def ref_mix(x, p, lam_a, lam_p, w):
     return np.trunc(np.clip(out, 0, 255)), amp
 
 
+def pil_gray(x):
+    """Pillow itself: convert('L') of a CHW image, as the original does before its phase image."""
+    return np.asarray(Image.fromarray(x.transpose(1, 2, 0).astype(np.uint8)).convert("L"), np.float64)
+
+
 def ref_phase_image(x, amplitude=50000.0):
-    # 0.299 R + 0.587 G + 0.114 B truncated, in exact integer arithmetic
-    gray = (299 * x[0].astype(np.int64) + 587 * x[1].astype(np.int64) + 114 * x[2].astype(np.int64)) // 1000
-    out = np.real(np.fft.ifft2(amplitude * np.exp(1j * np.angle(np.fft.fft2(gray)))))
+    out = np.real(np.fft.ifft2(amplitude * np.exp(1j * np.angle(np.fft.fft2(pil_gray(x))))))
+    return np.trunc(np.clip(out, 0, 255))
+
+
+def ref_color_phase_image(x, amplitude=50000.0):
+    """The original's phase_img_getter: per-channel FFT of the colour image, constant amplitude."""
+    out = np.real(np.fft.ifft2(amplitude * np.exp(1j * np.angle(np.fft.fft2(x, axes=(-2, -1)))), axes=(-2, -1)))
     return np.trunc(np.clip(out, 0, 255))
 
 
@@ -37,6 +46,7 @@ def _check(x, p, w):
     lam_p = np.array([0.0, 0.4, 0.1, 0.25])[: len(x)]
     got = aug.mix(torch.tensor(x), torch.tensor(p), torch.tensor(lam_a), torch.tensor(lam_p)).numpy()
     phase = aug.phase_image(torch.tensor(x)).numpy()
+    color = aug.color_phase_image(torch.tensor(x)).numpy()
     for i in range(len(x)):
         want, _ = ref_mix(x[i], p[i], lam_a[i], lam_p[i], w)
         assert np.abs(got[i] - want).max() <= 1
@@ -47,6 +57,8 @@ def _check(x, p, w):
         want_phase = ref_phase_image(x[i])
         assert np.abs(phase[i] - want_phase[None]).max() <= 1
         assert (phase[i][0] == phase[i][1]).all() and (phase[i][1] == phase[i][2]).all()
+        assert np.abs(color[i] - ref_color_phase_image(x[i])).max() <= 1
+        assert np.mean(color[i] != ref_color_phase_image(x[i])) < 0.01
 
 
 @pytest.mark.parametrize("H, W, w", [(64, 64, 50), (64, 64, 14), (33, 40, 10), (31, 31, 7), (48, 37, 20), (20, 24, 0)])
@@ -68,6 +80,18 @@ def test_matches_numpy_reference_on_demo_images(demo_manifest):
     x = np.stack(imgs)
     _check(x, x[[1, 2, 3, 0]], 14)
     _check(x[:, :, :, :57], x[[3, 0, 1, 2], :, :, :57], 21)  # non-square, odd width
+
+
+def test_grayscale_is_pillows_convert_L_bit_for_bit():
+    """Pillow rounds (since 7.0); a floor, as the project once had, differs on about half the pixels."""
+    rng = np.random.default_rng(7)
+    x = rng.integers(0, 256, (4, 3, 37, 41)).astype(np.float64)
+    x[0, :, 0, :3] = [[0, 255, 100]] * 3  # extremes and a grey whose float weights land on 99.99999
+    got = grayscale(torch.tensor(x)).numpy()
+    for i in range(len(x)):
+        assert np.array_equal(got[i], pil_gray(x[i]))
+    floor = (299 * x[:, 0] + 587 * x[:, 1] + 114 * x[:, 2]) // 1000
+    assert np.mean(floor != got) > 0.3  # the test can tell rounding from flooring
 
 
 def test_flat_images_with_exactly_zero_coefficients():

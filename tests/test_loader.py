@@ -6,9 +6,9 @@ import numpy as np
 import torch
 
 from dgucdir.config import load_config
-from dgucdir.data.loader import MultiDomainLoader, eval_batches, random_derangement
+from dgucdir.data.loader import MultiDomainLoader, eval_batches, proportional_split, random_derangement
 from dgucdir.data.manifest import Manifest
-from dgucdir.data.pipeline import PipelineSpec, train_pipeline
+from dgucdir.data.pipeline import PipelineSpec, partner_pipeline, train_pipeline
 
 CPU = torch.device("cpu")
 
@@ -97,3 +97,50 @@ def test_random_derangement_has_no_fixed_points():
     for n in (2, 3, 17):
         p = random_derangement(n, gen)
         assert sorted(p.tolist()) == list(range(n)) and not (p == torch.arange(n)).any()
+
+
+def test_proportional_split_by_hand():
+    assert proportional_split(16, [450, 450]) == [8, 8]
+    assert proportional_split(7, [100, 50, 50]) == [3, 2, 2]  # shares 3.5, 1.75, 1.75: largest remainders
+    assert proportional_split(32, [1000, 10]) == [32, 0]  # 31.68 + 0.32
+    for total, sizes in [(64, [3, 5, 7]), (10, [1, 1, 1]), (128, [4000, 2000, 1])]:
+        counts = proportional_split(total, sizes)
+        assert sum(counts) == total
+        assert all(abs(c - total * s / sum(sizes)) < 1 for c, s in zip(counts, sizes))
+
+
+def test_partners_are_raw_resized_images_from_the_whole_domain(demo_manifest):
+    """Un-augmented (equal to a plain bicubic resize of the stored image) and read from every rank's
+    shard of the domain, not only this rank's."""
+    import io
+
+    from PIL import Image
+
+    dom = Manifest.load(demo_manifest).domain("photo")
+    records = {r.index: r for r in dom.samples()}
+    pipe = partner_pipeline(dom, PipelineSpec(40, 1, 2, None, 1), 64, seed=3, initial_fill=64)
+    seen = set()
+    for _ in range(-(-dom.count // 64) + 1):
+        images, index = pipe.run()
+        images, index = np.array(images.as_tensor()).astype(float), np.array(index.as_tensor()).ravel()
+        seen |= set(index.tolist())
+    for img, i in zip(images[:8], index[:8]):
+        with Image.open(io.BytesIO(dom.read_image_bytes(records[int(i)]))) as src:
+            want = np.asarray(src.convert("RGB").resize((40, 40), Image.BICUBIC), float).transpose(2, 0, 1)
+        assert img.shape == (3, 40, 40) and np.abs(img - want).mean() < 4  # DALI's cubic vs PIL's: a few levels
+    assert len(seen) > 0.9 * dom.count  # rank 1 of 2 draws partners from both halves of the domain
+    assert min(seen) < dom.count // 2 <= max(seen)
+
+
+def test_fourier_off_or_zero_strength_leaves_the_views_alone(demo_manifest):
+    """With lambda = 0 the raw-partner mix is the identity, so q_rgb is exactly the MoCo view (and the
+    partner pipelines cost nothing when augment.fourier is off)."""
+    cfg = load_config(None, ["data.train_domains=[ink,photo]", "data.eval_domains=[neon,sketch]",
+                             "augment.alpha=0", "augment.hpf_alpha=0", "data.image_size=32", "augment.hpf_range=7"])
+    spec = PipelineSpec(32, 0, 1, None, 1)
+    mixed = next(MultiDomainLoader(cfg, Manifest.load(demo_manifest), 8, spec, CPU).epoch(0))
+    cfg.augment.fourier = False
+    plain_loader = MultiDomainLoader(cfg, Manifest.load(demo_manifest), 8, spec, CPU)
+    assert plain_loader._partner_pipelines(0) == []
+    plain = next(plain_loader.epoch(0))
+    assert torch.equal(mixed.q_rgb, plain.q_rgb) and torch.equal(mixed.k_rgb, plain.k_rgb)

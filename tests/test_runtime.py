@@ -1,5 +1,7 @@
 """validate_runtime: the one place for checks that need the data and the world size."""
 
+from pathlib import Path
+
 import pytest
 
 from dgucdir.config import ConfigError, load_config
@@ -37,3 +39,20 @@ def test_data_checks(demo_manifest):
         validate_runtime(cfg("data.eval_domains=[photo,clipart]"), manifest, 1)
     with pytest.raises(ConfigError, match="loss.num_clusters=100000: only .* training images to cluster"):
         validate_runtime(cfg("loss.num_clusters=100000"), manifest, 1)
+
+
+def test_paper_configs_refuse_to_start_without_moco_weights(tmp_path):
+    from dgucdir.runtime import check_before_launch, moco_init_path
+
+    repo = Path(__file__).parent.parent
+    for name in ("pacs.yaml", "domainnet.yaml"):
+        paper = load_config(repo / "configs" / name)
+        with pytest.raises(ConfigError, match="model.moco_init: this config starts from MoCo v2 ImageNet weights.*"
+                                              "github.com/facebookresearch/moco.*model.moco_init=none"):
+            check_before_launch(paper, 1)
+    assert moco_init_path(load_config(repo / "configs" / "pacs.yaml", ["model.moco_init=none"])) is None
+    with pytest.raises(ConfigError, match="model.moco_init: nowhere.pth does not exist"):
+        moco_init_path(load_config(None, ["model.moco_init=nowhere.pth"]))
+    weights = tmp_path / "moco.pth.tar"
+    weights.write_bytes(b"")
+    assert moco_init_path(load_config(None, [f"model.moco_init={weights}"])) == str(weights)

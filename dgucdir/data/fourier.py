@@ -23,7 +23,10 @@ from ..config import AugmentConfig
 
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
-GRAY_WEIGHTS_PER_MILLE = (299, 587, 114)  # PIL's "L" weights; integer so the truncation is exact
+# Pillow's convert("L"): L = (19595 R + 38470 G + 7471 B + 0x8000) >> 16, i.e. ITU-R 601 weights in
+# 16-bit fixed point, *rounded*. Every intermediate is an integer below 2**24, so exact in float32.
+PIL_L_WEIGHTS = (19595, 38470, 7471)
+PIL_L_ROUND = 1 << 15
 # float32 FFT round trips land up to ~1e-4 below an integer (measured up to 512x512); without
 # this guard truncation would turn an unchanged 255 into 254 and lambda = 0 would not be identity.
 ROUNDOFF_GUARD = 1e-3
@@ -146,16 +149,30 @@ class FourierAugment:
     @torch.autocast("cuda", enabled=False)
     @torch.autocast("cpu", enabled=False)
     def phase_image(self, x: torch.Tensor) -> torch.Tensor:
-        """Grayscale phase-only reconstruction of ``x`` (B,3,H,W in [0,255]) as 3 equal channels."""
-        x = x.float()
-        H, W = x.shape[-2:]
-        wr, wg, wb = GRAY_WEIGHTS_PER_MILLE
-        # exact in float32 for integer pixels (sums < 2**24): no 99.99999 -> 99 truncation flips
-        gray = torch.div(wr * x[:, 0] + wg * x[:, 1] + wb * x[:, 2], 1000, rounding_mode="floor")
-        f = torch.fft.rfft2(gray)
+        """Grayscale phase-only reconstruction of ``x`` (B,3,H,W in [0,255]) as 3 equal channels.
+
+        The training proxy of the original: PIL's "L" grayscale of the view, its phase with a
+        constant amplitude, back to pixels, clipped and truncated to uint8 levels.
+        """
+        return self._phase_only(grayscale(x)).unsqueeze(1).expand(-1, 3, -1, -1)
+
+    @torch.autocast("cuda", enabled=False)
+    @torch.autocast("cpu", enabled=False)
+    def color_phase_image(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-channel phase-only reconstruction of ``x`` (B,3,H,W): what the original clusters."""
+        return self._phase_only(x.float())
+
+    def _phase_only(self, x: torch.Tensor) -> torch.Tensor:
+        f = torch.fft.rfft2(x)
         spec = with_magnitude(f, magnitude(f), self.phase_amplitude)
-        out = torch.fft.irfft2(spec, s=(H, W)).add_(ROUNDOFF_GUARD).clamp_(0, 255).trunc_()
-        return out.unsqueeze(1).expand(-1, 3, -1, -1)
+        return torch.fft.irfft2(spec, s=tuple(x.shape[-2:])).add_(ROUNDOFF_GUARD).clamp_(0, 255).trunc_()
+
+
+def grayscale(x: torch.Tensor) -> torch.Tensor:
+    """PIL's ``convert("L")`` of integer-valued (B,3,H,W) images, bit for bit, as float32 (B,H,W)."""
+    x = x.float()
+    wr, wg, wb = PIL_L_WEIGHTS
+    return torch.div(wr * x[:, 0] + wg * x[:, 1] + wb * x[:, 2] + PIL_L_ROUND, 1 << 16, rounding_mode="floor")
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:

@@ -7,9 +7,15 @@ step s of an epoch therefore needs no DALI checkpoint: the pipelines are rebuilt
 are read and dropped, which reproduces the uninterrupted run exactly (at the cost of reading
 at most one epoch's data again).
 
-The partner of each view is another sample of the *whole* multi-domain batch (a random
-derangement), so the amplitude spectrum usually comes from another training domain: that
-cross-domain style mixing is what the augmentation is for.
+Fourier partners (``augment.partner``):
+- ``raw`` (default, as the original): every view gets its *own* partner, a raw training image
+  (decoded, resized to the training size, no augmentation) drawn from the training images of all
+  training domains. Each rank reads partners from the *whole* of every training domain (not its
+  data shard) through one extra DALI pipeline per domain; the 2B partners of a step are split
+  over the domains in proportion to their sizes and then shuffled, so a view's partner is any
+  training image with (nearly) equal probability, as ``random.randint`` over all images is.
+- ``batch`` (the earlier behaviour, kept for the ablation): both views of a sample share one
+  partner, another sample's MoCo-augmented view from the same rank's batch.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from ..config import Config
 from ..seeding import derive_seed
 from .fourier import FourierAugment, normalize
 from .manifest import Domain, Manifest
-from .pipeline import READER_NAME, PipelineSpec, eval_pipeline, train_pipeline
+from .pipeline import READER_NAME, PipelineSpec, eval_pipeline, partner_pipeline, train_pipeline
 
 
 def dali_to_torch(tensor_list, device: torch.device) -> torch.Tensor:
@@ -66,6 +72,8 @@ class MultiDomainLoader:
         self.spec = spec
         self.augment = FourierAugment.from_config(cfg.augment)
         self.fourier_mix = cfg.augment.fourier
+        self.raw_partners = cfg.augment.fourier and cfg.augment.partner == "raw"
+        self.partner_counts = proportional_split(2 * rank_batch, [d.count for d in self.domains])
         self.seed = cfg.train.seed
         self.device = device
         self.shuffle_buffer = cfg.data.shuffle_buffer
@@ -83,19 +91,28 @@ class MultiDomainLoader:
             for d in self.domains
         ]
 
+    def _partner_pipelines(self, epoch: int) -> list:
+        if not self.raw_partners:
+            return []
+        return [
+            partner_pipeline(d, self.spec, n, derive_seed(self.seed, epoch, self.spec.shard_id, d.name, "partner"),
+                             min(self.shuffle_buffer, d.count))
+            for d, n in zip(self.domains, self.partner_counts) if n > 0
+        ]
+
     def epoch(self, epoch: int, start_step: int = 0, num_steps: int | None = None) -> Iterator[Batch]:
         """Batches of ``epoch`` from ``start_step`` (exact resume) to ``num_steps`` (default: all)."""
-        pipes = self._pipelines(epoch)
+        pipes, partner_pipes = self._pipelines(epoch), self._partner_pipelines(epoch)
         try:
             for _ in range(start_step):
-                for p in pipes:
+                for p in pipes + partner_pipes:
                     p.run()
             for step in range(start_step, num_steps if num_steps is not None else self.steps_per_epoch):
-                yield self._batch(pipes, epoch, step)
+                yield self._batch(pipes, partner_pipes, epoch, step)
         finally:
-            del pipes
+            del pipes, partner_pipes
 
-    def _batch(self, pipes: list, epoch: int, step: int) -> Batch:
+    def _batch(self, pipes: list, partner_pipes: list, epoch: int, step: int) -> Batch:
         t0 = time.perf_counter()
         v1, v2, label, index, domain = [], [], [], [], []
         for d, p in enumerate(pipes):
@@ -105,17 +122,33 @@ class MultiDomainLoader:
             label.append(dali_to_torch(out[2], self.device).view(-1).long())
             index.append(dali_to_torch(out[3], self.device).view(-1).long())
             domain.append(torch.full_like(index[-1], d))
+        raw = [dali_to_torch(p.run()[0], self.device) for p in partner_pipes]
         self.data_wait_s += time.perf_counter() - t0
         x1, x2 = torch.cat(v1), torch.cat(v2)
         gen = torch.Generator().manual_seed(derive_seed(self.seed, epoch, self.spec.shard_id, step, "fourier"))
         q_rgb, k_rgb = x1.float(), x2.float()
-        if self.fourier_mix:
+        if self.raw_partners:
+            partners = torch.cat(raw)[torch.randperm(2 * len(x1), generator=gen).to(self.device)]
+            q_rgb = self.augment.mix(x1, partners[: len(x1)], *self.augment.sample_lambdas(len(x1), gen))
+            k_rgb = self.augment.mix(x2, partners[len(x1):], *self.augment.sample_lambdas(len(x2), gen))
+        elif self.fourier_mix:
             partner = random_derangement(len(x1), gen).to(self.device)
             q_rgb = self.augment.mix_with_partner(x1, partner, *self.augment.sample_lambdas(len(x1), gen))
             k_rgb = self.augment.mix_with_partner(x2, partner, *self.augment.sample_lambdas(len(x2), gen))
         q_phase, k_phase = self.augment.phase_image(x1), self.augment.phase_image(x2)
         return Batch(normalize(q_phase), normalize(k_phase), normalize(q_rgb), normalize(k_rgb),
                      torch.cat(domain), torch.cat(index), torch.cat(label))
+
+
+def proportional_split(total: int, sizes: list[int]) -> list[int]:
+    """``total`` split over parts in proportion to ``sizes``, largest remainders first; sums to ``total``."""
+    all_items = sum(sizes)
+    shares = [total * s / all_items for s in sizes]
+    counts = [math.floor(x) for x in shares]
+    by_remainder = sorted(range(len(sizes)), key=lambda i: (counts[i] - shares[i], i))
+    for i in by_remainder[: total - sum(counts)]:
+        counts[i] += 1
+    return counts
 
 
 def random_derangement(n: int, generator: torch.Generator) -> torch.Tensor:

@@ -141,6 +141,26 @@ def train_pipeline(domain: Domain, spec: PipelineSpec, batch_size: int, seed: in
     return p
 
 
+def partner_pipeline(domain: Domain, spec: PipelineSpec, batch_size: int, seed: int, initial_fill: int):
+    """Raw training images of one domain as Fourier partners: decoded, resized to the square training
+    size (bicubic, aspect not kept, as the original's PIL ``resize(img.size)``), no augmentation.
+
+    Reads the *whole* domain on every rank (not this rank's shard), shuffled by its own seed.
+    """
+
+    @pipeline_def(batch_size=batch_size, num_threads=spec.num_threads, device_id=spec.device_id, seed=seed,
+                  prefetch_queue_depth=2, exec_dynamic=True)
+    def pipe():
+        encoded, _, index = _reader(domain, 0, 1, True, initial_fill, seed)
+        images = fn.resize(_decode(encoded, spec.on_gpu), size=[spec.image_size, spec.image_size],
+                           interp_type=types.INTERP_CUBIC, antialias=True)
+        return fn.crop_mirror_normalize(images, dtype=types.UINT8, output_layout="CHW", mean=[0.0], std=[1.0]), index
+
+    p = pipe()
+    p.build()
+    return p
+
+
 def eval_pipeline(domain: Domain, spec: PipelineSpec, batch_size: int):
     """Reads one domain in order (this rank's shard, padded), outputs (image, label, index)."""
 
