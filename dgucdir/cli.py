@@ -73,12 +73,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     import os
 
     from .demo import ensure_demo_data
-    from .train import Trainer
+    from .train import EXIT_STOPPED, Trainer
 
     cfg = load_config(args.config, args.overrides)
     ensure_demo_data(cfg, int(os.environ.get("WORLD_SIZE", "1")))
-    Trainer(cfg, resume=args.resume).fit()
-    return 0
+    trainer = Trainer(cfg, resume=args.from_checkpoint or ("latest" if args.resume else None), overwrite=args.overwrite)
+    finished = trainer.fit()
+    return EXIT_STOPPED if not finished and trainer.stop.requested else 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -149,6 +150,21 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_runs(args: argparse.Namespace) -> int:
+    from .config import Config
+    from .runs import report
+    from .tracking import tracking_uri
+
+    defaults = Config()
+    defaults.tracking.store = args.store
+    uri = args.uri or tracking_uri(defaults)
+    table = report(uri, args.metric, args.experiment, args.sweep, Path(args.png) if args.png else None)
+    print(table.to_json() if args.json else table.markdown())
+    if args.png:
+        print(f"picture: {args.png}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     import json
 
@@ -205,10 +221,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train (one process, or under accelerate launch / SLURM)",
                        description="Trains the config. For configs/demo.yaml, a single process first renders "
-                       "the demo data when data/demo is missing or was rendered by an older version.")
+                       "the demo data when data/demo is missing or was rendered by an older version. "
+                       "Exit codes: 0 trained to the end (or to train.max_steps), 2 a config/data/checkpoint "
+                       "error, 75 stopped by SIGTERM/SIGUSR1 after writing a checkpoint (run again with --resume).")
     _add_config_args(p)
-    p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
-                   help="resume from the latest checkpoint in the output folder (or the one given)")
+    start = p.add_mutually_exclusive_group()
+    start.add_argument("--resume", action="store_true",
+                       help="continue from the latest checkpoint in train.output_dir (a fresh start if there is none)")
+    start.add_argument("--from", dest="from_checkpoint", metavar="CKPT", help="continue from this checkpoint folder")
+    start.add_argument("--overwrite", action="store_true",
+                       help="start over in a train.output_dir that has checkpoints (deletes them)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate cross-domain retrieval of a checkpoint or a baseline")
@@ -245,6 +267,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="train.seed values (default: 0)")
     p.add_argument("--out", default="runs/ablate", help="folder of the variants' runs and the table")
     p.set_defaults(func=cmd_ablate)
+
+    p = sub.add_parser("runs", help="results table over runs/seeds from MLflow (one row per training split)",
+                       description="Reads the MLflow store with MLflow's search API and prints one row per training "
+                       "split and one column per ordered pair of unseen domains plus the mean, as mean ± std over "
+                       "the split's runs (seeds). For a sweep, the table and picture also go to its parent run.")
+    p.add_argument("--sweep", help="only the runs of this sweep id (printed by dgucdir submit)")
+    p.add_argument("--experiment", help="only the runs of this MLflow experiment")
+    p.add_argument("--metric", default="P@1", help="P@K (K from eval.topk), mAP@All or mAP@K (default P@1)")
+    p.add_argument("--uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else the SQLite store in --store)")
+    p.add_argument("--store", default="runs", help="folder of the default SQLite store (default: runs)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of markdown")
+    p.add_argument("--png", help="also draw the metric over training per run and the final bars to this PNG")
+    p.set_defaults(func=cmd_runs)
 
     p = sub.add_parser("bench", help="throughput and memory figures as JSON")
     p.add_argument("what", choices=["aug", "loader", "eval"])

@@ -121,9 +121,12 @@ class EvalConfig:
 @dataclass
 class TrackingConfig:
     enabled: bool = True
-    uri: str | None = None
+    uri: str | None = None  # default: MLFLOW_TRACKING_URI, else sqlite:///<store>/mlruns.db
+    store: str = "runs"  # folder of the default store and its artifacts: one store for every run under it
     experiment: str = "dgucdir"
     run_name: str | None = None
+    sweep: str | None = None  # set by `dgucdir submit` for the jobs of a sweep (tag dgucdir.sweep)
+    parent_run_id: str | None = None  # the sweep's parent run; the job's run is its child
 
 
 @dataclass
@@ -131,14 +134,18 @@ class LaunchConfig:
     nodes: int = 1
     gpus_per_node: int = 1
     cpus_per_task: int = 10
-    mem_gb: int | None = None
+    mem_gb: int | None = None  # per node; null: mem_gb_per_task x tasks per node; 0: the cluster's default
+    mem_gb_per_task: int = 32
+    max_requeues: int = 100  # submitit requeues after a time-out at most this often (its default of 3 ends long runs)
+    sbatch: list[str] = field(default_factory=list)  # extra #SBATCH lines as KEY=VALUE, e.g. "exclusive="
+    setup: list[str] = field(default_factory=list)  # shell commands before the tasks, e.g. "module load cuda"
     partition: str | None = None
     account: str | None = None
     qos: str | None = None
     constraint: str | None = None
     time_min: int = 24 * 60
     job_name: str = "dgucdir"
-    folder: str = "slurm_logs"
+    folder: str | None = None  # submitit/SLURM logs; null: <train.output_dir>/slurm, next to the run
 
 
 @dataclass
@@ -323,18 +330,75 @@ def _line_map(node: yaml.Node, source: str, prefix: str = "") -> dict[str, str]:
     return out
 
 
-def parse_override(text: str) -> tuple[str, Any]:
-    """Parses ``a.b=value``; the value is read as YAML so lists and numbers work."""
+def parse_override(text: str) -> tuple[str, str]:
+    """Splits ``a.b=value`` into the dotted key and the value's text (typed later by :func:`typed_value`)."""
     if "=" not in text:
         raise ConfigError(f"override {text!r}: expected dotted.key=value")
     key, value = text.split("=", 1)
     key = key.strip()
     if not key:
         raise ConfigError(f"override {text!r}: empty key")
-    try:
-        return key, yaml.safe_load(value) if value.strip() else None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from exc
+    return key, value.strip()
+
+
+def field_type(key: str) -> Any | None:
+    """The declared type of a dotted config key; None when there is no such field (or it is a section)."""
+    cls: Any = Config
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(cls):
+            return None
+        hints = typing.get_type_hints(cls)
+        if part not in hints:
+            return None
+        cls = hints[part]
+    return None if dataclasses.is_dataclass(cls) else cls
+
+
+NULLS = ("null", "~", "")
+TRUE, FALSE = ("true", "yes", "on"), ("false", "no", "off")
+
+
+def typed_value(text: str, tp: Any) -> Any:
+    """The override text read as type ``tp`` (the field's own), not as YAML 1.1 would guess it.
+
+    So ``optim.lr=3e-4`` is a float, ``train.mixed_precision=no`` the string 'no' and
+    ``tracking.run_name=2024`` a string. Text that does not fit is returned unchanged and the
+    usual type check names the key and what was expected.
+    """
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if text.lower() in NULLS and len(args) < len(typing.get_args(tp)):
+            return None
+        for arg in args:
+            value = typed_value(text, arg)
+            if value is not text or arg is str or typing.get_origin(arg) is Literal:
+                return value
+        return text
+    if origin is list:
+        if not (text.startswith("[") and text.endswith("]")):
+            return text
+        items = [t.strip() for t in text[1:-1].split(",")]
+        return [typed_value(t.strip("'\""), typing.get_args(tp)[0]) for t in items if t]
+    if tp is bool:
+        return True if text.lower() in TRUE else False if text.lower() in FALSE else text
+    for number in (int, float):
+        if tp is number:
+            try:
+                return number(text)
+            except ValueError:
+                return text
+    return text
+
+
+def _override_value(key: str, text: str) -> Any:
+    tp = field_type(key)
+    if tp is not None:
+        return typed_value(text, tp)
+    try:  # not a field: a section or an unknown key, which the schema check then reports
+        return yaml.safe_load(text) if text else None
+    except yaml.YAMLError:
+        return text
 
 
 def _set_nested(raw: dict, key: str, value: Any) -> None:
@@ -373,8 +437,8 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
         if node is not None:
             lines = _line_map(node, str(path))
     for item in overrides:
-        key, value = parse_override(item)
-        _set_nested(raw, key, value)
+        key, text = parse_override(item)
+        _set_nested(raw, key, _override_value(key, text))
         lines[key] = f" (command-line override {item!r})"
     return from_dict(raw, lines)
 

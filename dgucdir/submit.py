@@ -22,11 +22,13 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import logging
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -34,6 +36,7 @@ import submitit
 
 from dgucdir.config import Config, ConfigError, load_config
 from dgucdir.runtime import check_before_launch
+from dgucdir.tracking import start_sweep_run, tracking_uri
 
 log = logging.getLogger("dgucdir.launch")
 
@@ -80,27 +83,31 @@ def parse_sweep(spec: str) -> tuple[str, list[str]]:
     return key, [v for v in values.split(";") if v]
 
 
-def domain_pair_overrides(cfg: Config) -> list[str]:
+def domain_pair_overrides(cfg: Config) -> list[list[str]]:
     """One override set per pair of training domains, evaluated on all the remaining domains."""
     domains = list(cfg.data.train_domains) + list(cfg.data.eval_domains)
     out = []
     for pair in itertools.combinations(domains, 2):
         rest = [d for d in domains if d not in pair]
-        out.append(f"data.train_domains=[{','.join(pair)}] data.eval_domains=[{','.join(rest)}]")
+        out.append([f"data.train_domains=[{','.join(pair)}]", f"data.eval_domains=[{','.join(rest)}]"])
     return out
 
 
-def _slug(overrides: Sequence[str]) -> str:
-    text = "_".join(o.split(".")[-1] for o in overrides)
-    return "".join(c if c.isalnum() or c in "-_=," else "" for c in text.replace("=", "-"))
+def slug(overrides: Sequence[str]) -> str:
+    """A folder/run name for a job's own overrides: readable (last key part and value) and unique
+    (a hash of the full overrides), so optim.lr=0.1 and optim.lr=1.1 never share a folder."""
+    readable = "_".join(f"{o.split('=', 1)[0].split('.')[-1]}-{o.split('=', 1)[1]}" for o in overrides)
+    readable = "".join(c if c.isalnum() or c in "-_.," else "_" for c in readable)[:80]
+    return f"{readable}-{hashlib.sha1(chr(0).join(overrides).encode()).hexdigest()[:6]}"
 
 
-def sweep_overrides(base: Sequence[str], sweeps: Sequence[str], domain_pairs: list[str] | None = None) -> list[list[str]]:
+def sweep_overrides(base: Sequence[str], sweeps: Sequence[str],
+                    domain_pairs: list[list[str]] | None = None) -> list[list[str]]:
     """The cross product of all sweeps (and domain pairs), each as a full override list."""
-    axes = [[f"{k}={v}" for v in vals] for k, vals in map(parse_sweep, sweeps)]
+    axes = [[[f"{k}={v}"] for v in vals] for k, vals in map(parse_sweep, sweeps)]
     if domain_pairs:
         axes.append(domain_pairs)
-    return [list(base) + [o for item in combo for o in item.split(" ")] for combo in itertools.product(*axes)]
+    return [list(base) + [o for item in combo for o in item] for combo in itertools.product(*axes)]
 
 
 def job_parameters(cfg: Config, args: argparse.Namespace) -> dict:
@@ -116,11 +123,15 @@ def job_parameters(cfg: Config, args: argparse.Namespace) -> dict:
     )
     if not args.cpu:
         params["gpus_per_node"] = tasks
-    if args.mem_gb or lc.mem_gb:
-        params["mem_gb"] = args.mem_gb or lc.mem_gb
+    mem_gb = args.mem_gb if args.mem_gb is not None else lc.mem_gb if lc.mem_gb is not None else lc.mem_gb_per_task * tasks
+    if mem_gb:  # 0: leave the memory to the cluster's default
+        params["mem_gb"] = mem_gb
+    extra = dict(line.split("=", 1) for line in [*lc.sbatch, *args.sbatch])
     slurm = {"partition": args.partition or lc.partition, "account": args.account or lc.account,
              "qos": args.qos or lc.qos, "constraint": args.constraint or lc.constraint,
-             "signal_delay_s": 120, "array_parallelism": args.array_parallelism}
+             "signal_delay_s": 120, "array_parallelism": args.array_parallelism,
+             "max_num_timeout": lc.max_requeues, "setup": [*lc.setup, *args.setup] or None,
+             "additional_parameters": extra or None}
     params.update({f"slurm_{k}": v for k, v in slurm.items() if v})
     return params
 
@@ -144,14 +155,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nodes", type=int)
     p.add_argument("--gpus-per-node", type=int, help="= tasks per node (one task per GPU)")
     p.add_argument("--cpus-per-task", type=int)
-    p.add_argument("--mem-gb", type=int)
+    p.add_argument("--mem-gb", type=int, help="memory per node (default: launch.mem_gb, else launch.mem_gb_per_task "
+                   "x tasks per node; 0 leaves it to the cluster)")
     p.add_argument("--partition")
     p.add_argument("--account")
     p.add_argument("--qos")
     p.add_argument("--constraint")
     p.add_argument("--time", type=int, help="time limit in minutes")
     p.add_argument("--job-name")
-    p.add_argument("--folder", help="submitit log folder (default: launch.folder)")
+    p.add_argument("--folder", help="submitit/SLURM log folder (default: launch.folder, else <train.output_dir>/slurm)")
+    p.add_argument("--sbatch", action="append", default=[], metavar="KEY=VALUE",
+                   help="an extra #SBATCH line for this cluster, e.g. --sbatch exclusive= --sbatch reservation=r1 "
+                   "(repeat; launch.sbatch in the config)")
+    p.add_argument("--setup", action="append", default=[], metavar="COMMAND",
+                   help="a shell command run before the tasks start, e.g. 'module load cuda' (repeat; launch.setup)")
     p.add_argument("--cpu", action="store_true", help="request no GPUs (CPU tasks, gloo): tests, CPU clusters")
     p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1;V2",
                    help="one job per value (repeat for a cross product); submitted as a job array")
@@ -173,9 +190,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         base = load_config(args.config, args.overrides)
         pairs = domain_pair_overrides(base) if args.domain_pairs else None
         runs = sweep_overrides(args.overrides, args.sweep, pairs)
-        if len(runs) > 1:  # each job its own output folder (checkpoints!) and MLflow run name
-            runs = [o + [f"train.output_dir={base.train.output_dir}/{_slug(o[len(args.overrides):])}",
-                         f"tracking.run_name={_slug(o[len(args.overrides):])}"] for o in runs]
+        uri = tracking_uri(base)  # one store for the whole sweep, resolved here, wherever the jobs start
+        sweep_id = f"{base.tracking.experiment}-{time.strftime('%Y%m%d-%H%M%S')}" if len(runs) > 1 else None
+        if sweep_id:  # each job its own output folder (checkpoints!) and MLflow run name
+            runs = [o + [f"train.output_dir={base.train.output_dir}/{slug(o[len(args.overrides):])}",
+                         f"tracking.run_name={slug(o[len(args.overrides):])}", f"tracking.sweep={sweep_id}"]
+                    for o in runs]
+        runs = [[*o, f"tracking.uri={uri}"] for o in runs]
         cfgs = [load_config(args.config, o) for o in runs]  # validate every job before submitting any
         world = (args.nodes or cfgs[0].launch.nodes) * (args.gpus_per_node or cfgs[0].launch.gpus_per_node)
         for cfg in cfgs:
@@ -184,12 +205,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"dgucdir submit: error: {exc}", file=sys.stderr)
         return 2
     params = job_parameters(cfgs[0], args)
-    folder = Path(args.folder or cfgs[0].launch.folder).resolve() / "%j"
+    folder = Path(args.folder or cfgs[0].launch.folder or Path(base.train.output_dir) / "slurm").resolve() / "%j"
     if args.dry_run:
         print(sbatch_script(params, folder))
         for overrides in runs:
             print(f"# job: dgucdir train {args.config} {' '.join(overrides)}")
         return 0
+    if sweep_id:
+        parent = start_sweep_run(base, uri, sweep_id, [o[len(args.overrides):-4] for o in runs])
+        runs = [[*o, f"tracking.parent_run_id={parent}"] for o in runs]
     executor = submitit.AutoExecutor(folder=folder, cluster=args.cluster)
     executor.update_parameters(**params)
     jobs_args = [TrainJob(args.config, o) for o in runs]
@@ -197,10 +221,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         jobs = executor.submit_array(jobs_args) if executor.cluster == "slurm" else [executor.submit(j) for j in jobs_args]
     else:
         jobs = [executor.submit(jobs_args[0])]
-    experiments = sorted({c.tracking.experiment for c in cfgs})
     for job, overrides in zip(jobs, runs):
         print(f"submitted job {job.job_id}: {' '.join(overrides) or '(no overrides)'}")
-    print(f"compare them in MLflow experiment(s) {', '.join(experiments)}")
+    how = f"dgucdir runs --sweep {sweep_id}" if sweep_id else f"dgucdir runs --experiment {base.tracking.experiment}"
+    print(f"compare them: {how}   (MLflow store {uri})")
     if args.wait:
         for job in jobs:
             print(f"job {job.job_id}: {job.results()}")

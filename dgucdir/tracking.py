@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +19,83 @@ log = logging.getLogger(__name__)
 
 
 def tracking_uri(cfg: Config) -> str:
-    """Config first, then MLFLOW_TRACKING_URI, then a SQLite store in the output folder."""
+    """Config first, then MLFLOW_TRACKING_URI, then one SQLite store in ``tracking.store`` for all runs."""
     if cfg.tracking.uri:
         return cfg.tracking.uri
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    return f"sqlite:///{Path(cfg.train.output_dir).resolve() / 'mlruns.db'}"
+    return f"sqlite:///{Path(cfg.tracking.store).resolve() / 'mlruns.db'}"
+
+
+def run_name(cfg: Config) -> str:
+    """``tracking.run_name``, else what tells runs apart in a list: output folder, training domains, seed."""
+    return cfg.tracking.run_name or (f"{Path(cfg.train.output_dir).name}:{'+'.join(cfg.data.train_domains)}"
+                                     f":seed{cfg.train.seed}")
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def run_tags(cfg: Config, world_size: int, precision: str, manifest_sha256: str) -> dict[str, str]:
+    """What a run is, for searching and grouping: domains, seed, world, precision, data, code, SLURM ids."""
+    from importlib.metadata import version
+
+    commit = _git("rev-parse", "HEAD")
+    tags = {
+        "dgucdir.train_domains": ",".join(cfg.data.train_domains),
+        "dgucdir.eval_domains": ",".join(cfg.data.eval_domains),
+        "dgucdir.seed": str(cfg.train.seed),
+        "dgucdir.world_size": str(world_size),
+        "dgucdir.precision": precision,
+        "dgucdir.manifest_sha256": manifest_sha256,
+        "dgucdir.version": version("dgucdir"),
+        "dgucdir.torch": version("torch"),
+        "dgucdir.dali": version("nvidia-dali-cuda130"),
+    }
+    if commit:  # MLflow's own git tag looks at sys.argv[0], the venv's script: not the code that ran
+        tags["mlflow.source.git.commit"] = commit
+        tags["dgucdir.git_dirty"] = str(bool(_git("status", "--porcelain", "--untracked-files=no")))
+    for env, tag in (("SLURM_JOB_ID", "slurm.job_id"), ("SLURM_ARRAY_JOB_ID", "slurm.array_job_id"),
+                     ("SLURM_ARRAY_TASK_ID", "slurm.array_task_id")):
+        if os.environ.get(env):
+            tags[tag] = os.environ[env]
+    return tags
+
+
+def use_store(mlflow: Any, uri: str) -> None:
+    """Points MLflow at ``uri``, creating the folder of a SQLite store (SQLite does not)."""
+    if uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+
+
+def experiment_for(mlflow: Any, uri: str, name: str) -> str:
+    """The id of experiment ``name`` (created if new, with its artifacts beside a SQLite store)."""
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    artifacts = None
+    if uri.startswith("sqlite:///"):  # artifacts beside the store, never in the current folder
+        artifacts = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
+    return mlflow.create_experiment(name, artifact_location=artifacts)
+
+
+def start_sweep_run(cfg: Config, uri: str, sweep_id: str, jobs: list[list[str]]) -> str:
+    """Creates (and ends) the parent run of a sweep; the jobs' runs become its children. Returns its id."""
+    import mlflow
+
+    use_store(mlflow, uri)
+    experiment_id = experiment_for(mlflow, uri, cfg.tracking.experiment)
+    with mlflow.start_run(experiment_id=experiment_id, run_name=f"sweep {sweep_id}",
+                          tags={"dgucdir.sweep": sweep_id, "dgucdir.sweep_parent": "true"}) as run:
+        mlflow.log_params({k: str(v) for k, v in flatten(cfg).items()})
+        mlflow.log_text("\n".join(" ".join(o) for o in jobs) + "\n", "sweep_jobs.txt")
+    return run.info.run_id
 
 
 class Tracker:
@@ -42,25 +114,31 @@ class Tracker:
 
         logging.getLogger("alembic").setLevel(logging.WARNING)
         self._mlflow = mlflow
-        mlflow.set_tracking_uri(self.uri)
+        use_store(mlflow, self.uri)
         name = self.cfg.tracking.experiment
-        experiment = mlflow.get_experiment_by_name(name)
-        if experiment is None:
-            artifacts = None
-            if self.uri.startswith("sqlite:///") and not self.cfg.tracking.uri and not os.environ.get("MLFLOW_TRACKING_URI"):
-                artifacts = (Path(self.cfg.train.output_dir).resolve() / "mlartifacts").as_uri()
-            experiment_id = mlflow.create_experiment(name, artifact_location=artifacts)
-        else:
-            experiment_id = experiment.experiment_id
+        experiment_id = experiment_for(mlflow, self.uri, name)
+        run = None
         if run_id is not None:
-            run = mlflow.start_run(run_id=run_id)
-            log.info("MLflow: continuing run %s in %s", run_id, self.uri)
-        else:
-            run = mlflow.start_run(experiment_id=experiment_id, run_name=self.cfg.tracking.run_name)
+            try:
+                run = mlflow.start_run(run_id=run_id)
+                log.info("MLflow: continuing run %s in %s", run_id, self.uri)
+            except mlflow.exceptions.MlflowException as exc:
+                log.warning("MLflow: cannot continue run %s in %s (%s); starting a new run", run_id, self.uri,
+                            str(exc).splitlines()[0])
+        if run is None:
+            tc = self.cfg.tracking
+            tags = {"dgucdir.sweep": tc.sweep} if tc.sweep else {}
+            if tc.parent_run_id:
+                tags["mlflow.parentRunId"] = tc.parent_run_id
+            run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name(self.cfg), tags=tags)
             mlflow.log_params({k: str(v) for k, v in flatten(self.cfg).items()})
             log.info("MLflow: run %s (experiment %r) in %s", run.info.run_id, name, self.uri)
         self.run_id = run.info.run_id
         return self.run_id
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        if self.active:
+            self._mlflow.set_tags(tags)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if self.active:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import signal
 import sys
 from dataclasses import asdict, dataclass
@@ -25,23 +26,25 @@ from accelerate import Accelerator
 from tqdm import tqdm
 
 from . import dist
-from .checkpoint import Checkpointer, StateFns
+from .checkpoint import Checkpointer, StateFns, list_checkpoints
 from .cluster import ClusterSlot, ClusterState, spherical_kmeans
-from .config import Config, to_dict, to_yaml
+from .config import Config, flatten, from_dict, to_dict, to_yaml
 from .data.fourier import normalize
 from .data.loader import Batch, MultiDomainLoader
 from .data.manifest import Manifest
 from .data.pipeline import PipelineSpec
+from .errors import UserError
 from .metric_window import MetricWindow
 from .model.dgucdir import DGUCDIR
 from .model.encoder import load_moco_v2
 from .retrieval import EvalReport, embed_local, evaluate
 from .runtime import moco_init_path, validate_runtime
 from .seeding import ProcessRNG, derive_seed, seed_process
-from .tracking import Tracker
+from .tracking import Tracker, run_tags
 
 log = logging.getLogger(__name__)
 
+EXIT_STOPPED = 75  # `dgucdir train` stopped by SIGTERM/SIGUSR1 after a checkpoint (EX_TEMPFAIL: run it again)
 RUN_INFO = "run.json"  # beside config.yaml: what data the run trained on (see write_run_info)
 
 
@@ -110,7 +113,12 @@ def write_run_info(out_dir: Path, manifest: Manifest) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, resume: str | None = None) -> None:
+    def __init__(self, cfg: Config, resume: str | None = None, overwrite: bool = False) -> None:
+        """``resume``: None (a new run), "latest" (the output folder's latest checkpoint) or a checkpoint path.
+
+        A new run in a folder that already has checkpoints is refused unless ``overwrite``, which
+        deletes them first: checkpoint rotation would otherwise delete the new run's own first.
+        """
         self.cfg = cfg
         self.accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not torch.cuda.is_available())
         self.rank, self.world = dist.rank(), dist.world_size()
@@ -144,6 +152,8 @@ class Trainer:
             self.out_dir / "checkpoints", shared,
             {"queues": StateFns(self.core.queues_state, self.core.load_queues_state), "rng": ProcessRNG()},
             cfg.train.keep_checkpoints)
+        if resume is None:
+            self._claim_output_folder(overwrite)
         run_id = self._resume(resume) if resume else None
         self.steps_per_epoch = min(self.loader.steps_per_epoch, cfg.train.max_steps_per_epoch or sys.maxsize)
         if self.rank == 0:
@@ -151,6 +161,7 @@ class Trainer:
             (self.out_dir / "config.yaml").write_text(to_yaml(cfg))
             write_run_info(self.out_dir, self.manifest)
         self.tracker.start(run_id)
+        self.tracker.set_tags(run_tags(cfg, self.world, self.precision, self.manifest.fingerprint()))
         if self.rank == 0 and run_id is None:
             self.tracker.log_artifacts([self.out_dir / "config.yaml"])
         log.info("world size %d, %d samples per rank per step (%d per domain), %d steps per epoch, queue %.1f MiB per rank",
@@ -164,12 +175,32 @@ class Trainer:
         return self.checkpointer.save(self.progress.global_step, {
             "world_size": self.world, "config": to_dict(self.cfg), "mlflow_run_id": self.tracker.run_id})
 
+    def _claim_output_folder(self, overwrite: bool) -> None:
+        existing = list_checkpoints(self.checkpointer.root)
+        if not existing:
+            return
+        if not overwrite:
+            raise UserError(f"{self.checkpointer.root} already holds checkpoints ({existing[-1].name}): --resume to "
+                            "continue that run, --overwrite to delete them and start over, or another "
+                            "train.output_dir")
+        dist.barrier()
+        if self.rank == 0:
+            log.warning("--overwrite: deleting %d checkpoint(s) in %s", len(existing), self.checkpointer.root)
+            for path in existing:
+                shutil.rmtree(path)
+        dist.barrier()
+
     def _resume(self, resume: str) -> str | None:
         found = self.checkpointer.load(None if resume == "latest" else Path(resume))
         if found is None:
             log.info("no checkpoint in %s: starting from scratch", self.checkpointer.root)
             return None
         path, meta = found
+        mine, theirs = flatten(self.cfg), flatten(from_dict(meta["config"]))
+        changed = sorted(k for k in mine if mine[k] != theirs.get(k))
+        if changed:
+            log.warning("resuming %s with a changed config: %s", path,
+                        ", ".join(f"{k}: {theirs.get(k)!r} -> {mine[k]!r}" for k in changed))
         p = self.progress
         log.info("resumed from %s: epoch %d, step %d (global step %d)", path, p.epoch, p.step_in_epoch, p.global_step)
         return meta["mlflow_run_id"]

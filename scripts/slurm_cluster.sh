@@ -61,7 +61,7 @@ SlurmdLogFile=$D/log/slurmd.log
 KillWait=30
 MinJobAge=3600
 SchedulerParameters=defer_batch=0
-NodeName=localhost NodeHostname=$(hostname) CPUs=$(nproc) RealMemory=$mem State=UNKNOWN
+NodeName=localhost NodeHostname=$(hostname) CPUs=$(env -u OMP_NUM_THREADS nproc) RealMemory=$mem State=UNKNOWN
 PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 EOF
     # submitit reads job states from sacct; without accounting storage, answer from scontrol.

@@ -30,7 +30,7 @@ def tiny_config(tmp: Path, manifest: Path, name: str, **train) -> Path:
     cfg["train"].update({**dict(epochs=3, batch_size=16, warmup_epochs=1, output_dir=str(tmp / name), checkpoint_every=1,
                                 keep_checkpoints=5, eval_every=2, log_every=1, max_steps_per_epoch=5), **train})
     cfg["eval"].update(batch_size=128, picture_queries=2, picture_topk=3)
-    cfg["tracking"]["experiment"] = "tiny"
+    cfg["tracking"].update(experiment="tiny", uri=f"sqlite:///{tmp / name / 'mlruns.db'}")
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path

@@ -8,7 +8,7 @@ import yaml
 
 from helpers import REPO, cli, run, tiny_config
 
-SUBCOMMANDS = ["config", "pack", "demo-data", "demo", "train", "eval", "search", "bench"]
+SUBCOMMANDS = ["config", "pack", "demo-data", "demo", "train", "eval", "search", "ablate", "runs", "bench"]
 
 
 def test_help_explains_every_subcommand():

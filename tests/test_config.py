@@ -29,12 +29,30 @@ def test_overrides_parse_yaml_values():
     assert cfg.train.epochs == 5
     assert cfg.data.train_domains == ["photo", "sketch"]
     assert cfg.model.moco_init == "/x.pth"
-    assert parse_override("a.b=[1, 2]") == ("a.b", [1, 2])
+    assert parse_override("a.b=[1, 2]") == ("a.b", "[1, 2]")
+
+
+@pytest.mark.parametrize("override, key, value", [
+    ("optim.lr=3e-4", "optim.lr", 0.0003),  # YAML 1.1 reads 3e-4 as a string
+    ("train.mixed_precision=no", "train.mixed_precision", "no"),  # YAML 1.1: False
+    ("train.mixed_precision=null", "train.mixed_precision", None),
+    ("tracking.run_name=2024", "tracking.run_name", "2024"),  # YAML: an int
+    ("tracking.run_name=null", "tracking.run_name", None),
+    ("data.train_domains=[no, 2024]", "data.train_domains", ["no", "2024"]),
+    ("eval.topk=[1,5, 10]", "eval.topk", [1, 5, 10]),
+    ("augment.fourier=false", "augment.fourier", False),
+    ("train.max_steps=null", "train.max_steps", None),
+    ("train.max_steps=7", "train.max_steps", 7),
+    ("model.moco_init=/w/moco.pth", "model.moco_init", "/w/moco.pth"),
+])
+def test_overrides_are_read_as_the_type_of_their_field(override, key, value):
+    got = flatten(load_config(None, [override]))[key]
+    assert got == value and type(got) is type(value)
 
 
 def test_int_is_accepted_for_float_but_not_the_reverse():
     assert load_config(None, ["optim.lr=1"]).optim.lr == 1.0
-    with pytest.raises(ConfigError, match=r"train.epochs.*got 1.5, expected an integer"):
+    with pytest.raises(ConfigError, match=r"train.epochs.*got '1.5', expected an integer"):
         load_config(None, ["train.epochs=1.5"])
 
 

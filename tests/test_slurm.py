@@ -33,7 +33,8 @@ def slurm_env():
 
 def submit(env, cfg: Path, folder: Path, *extra: str, wait: bool = True) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "launch.slurm", str(cfg), "--cpu", "--nodes", "1", "--gpus-per-node", "2",
-           "--cpus-per-task", "1", "--time", "20", "--folder", str(folder), "--cluster", "slurm", *extra]
+           "--cpus-per-task", "1", "--mem-gb", "0", "--time", "20", "--folder", str(folder), "--cluster", "slurm",
+           *extra]
     if wait:
         cmd.append("--wait")
     res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -104,23 +105,41 @@ def test_time_limit_signal_checkpoints_then_submitit_requeues(slurm_env, tmp_pat
     _check_resumed_run(tmp_path / "usr2", log, stopped_at)
 
 
-def test_dry_run_prints_a_multi_node_sbatch_script(tmp_path):
-    res = subprocess.run([sys.executable, "-m", "launch.slurm", str(REPO / "configs/pacs.yaml"), "--dry-run", "--nodes", "2",
-                          "--gpus-per-node", "8", "--partition", "gpu", "--account", "proj", "--qos", "high",
-                          "--constraint", "h100", "--mem-gb", "400", "--time", "600", "--folder", str(tmp_path)],
-                         cwd=REPO, capture_output=True, text=True, timeout=120)
+def dry_run(*args: str) -> str:
+    res = subprocess.run([sys.executable, "-m", "launch.slurm", str(REPO / "configs/pacs.yaml"), "model.moco_init=none",
+                          "--dry-run", *args], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
-    script = res.stdout
+    return res.stdout
+
+
+def test_dry_run_prints_a_multi_node_sbatch_script(tmp_path):
+    script = dry_run("--nodes", "2", "--gpus-per-node", "8", "--partition", "gpu", "--account", "proj", "--qos", "high",
+                     "--constraint", "h100", "--mem-gb", "400", "--time", "600", "--folder", str(tmp_path),
+                     "--sbatch", "reservation=r1", "--setup", "module load cuda/12")
     for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8", "#SBATCH --partition=gpu",
                  "#SBATCH --account=proj", "#SBATCH --qos=high", "#SBATCH --constraint=h100", "#SBATCH --mem=400GB",
-                 "#SBATCH --time=600", "#SBATCH --signal=USR2@120", "srun "):
+                 "#SBATCH --time=600", "#SBATCH --signal=USR2@120", "#SBATCH --reservation=r1", "module load cuda/12",
+                 "srun "):
         assert line in script, line
     assert not list(tmp_path.iterdir())  # nothing submitted, nothing written
+    default = dry_run("--nodes", "1", "--gpus-per-node", "4")
+    assert "#SBATCH --mem=128GB" in default  # launch.mem_gb_per_task (32) x 4 tasks
+    assert f"#SBATCH --output={(REPO / 'runs/pacs/slurm').resolve()}/%j" in default  # logs next to the run
+
+
+def test_sweep_names_are_unique_and_values_keep_their_spaces():
+    from dgucdir.submit import slug, sweep_overrides
+
+    assert slug(["optim.lr=0.1"]) != slug(["optim.lr=1.1"])
+    assert slug(["optim.lr=0.1"]).startswith("lr-0.1-")
+    jobs = sweep_overrides(["train.epochs=5"], ["tracking.run_name=a b;c"], [["data.train_domains=[x,y]"]])
+    assert jobs == [["train.epochs=5", "tracking.run_name=a b", "data.train_domains=[x,y]"],
+                    ["train.epochs=5", "tracking.run_name=c", "data.train_domains=[x,y]"]]
 
 
 def test_domain_pair_sweep_gives_one_job_per_split():
     res = subprocess.run([sys.executable, "-m", "dgucdir", "submit", str(REPO / "configs/pacs.yaml"), "--dry-run",
-                          "--domain-pairs"], cwd=REPO, capture_output=True, text=True, timeout=120)
+                          "--domain-pairs", "model.moco_init=none"], cwd=REPO, capture_output=True, text=True, timeout=120)
     jobs = [l for l in res.stdout.splitlines() if l.startswith("# job:")]
     assert len(jobs) == 6  # C(4, 2) training pairs of PACS
     assert len({re.search(r"train.output_dir=(\S+)", j).group(1) for j in jobs}) == 6

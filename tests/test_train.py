@@ -23,7 +23,7 @@ def uninterrupted(tmp_path_factory, demo_manifest):
     return tmp / "full"
 
 
-def test_uninterrupted_run_tracks_everything(uninterrupted):
+def test_uninterrupted_run_tracks_everything(uninterrupted, demo_manifest):
     from mlflow.tracking import MlflowClient
 
     run_id, losses = history(uninterrupted)
@@ -31,6 +31,13 @@ def test_uninterrupted_run_tracks_everything(uninterrupted):
     client = MlflowClient(f"sqlite:///{uninterrupted / 'mlruns.db'}")
     r = client.get_run(run_id)
     assert r.data.params["train.batch_size"] == "16" and r.data.params["loss.num_clusters"] == "4"
+    from dgucdir.data.manifest import Manifest
+
+    tags = r.data.tags
+    assert (tags["dgucdir.precision"], tags["dgucdir.world_size"], tags["dgucdir.seed"]) == ("no", "1", "0")
+    assert tags["dgucdir.train_domains"] == "ink,neon" and tags["dgucdir.eval_domains"] == "photo,sketch"
+    assert tags["dgucdir.manifest_sha256"] == Manifest.load(demo_manifest).fingerprint()
+    assert r.info.run_name == "full:ink+neon:seed0"
     for key in ("train/loss_rgb_phase", "train/acc_rgb_rgb", "train/lr", "train/samples_per_s", "train/data_wait_fraction",
                 "eval/photo_to_sketch/P_at_1", "eval/mean/mAP_at_All"):
         assert key in r.data.metrics, key
@@ -72,7 +79,7 @@ def test_sigterm_checkpoints_and_exits_zero_then_resume_is_exact(tmp_path, demo_
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)  # during epoch 1
     out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, out[-3000:]
+    assert proc.returncode == 75, out[-3000:]
     assert "received SIGTERM" in out
     stopped = max(int(p.name.split("-")[1]) for p in (tmp_path / "sig/checkpoints").glob("ckpt-*"))
     assert 5 <= stopped < 15
@@ -172,3 +179,17 @@ def test_metric_window_means_across_steps_and_refuses_non_finite():
     window.add({"loss": torch.tensor(float("nan")), "acc": torch.tensor(1.0)})
     with pytest.raises(FloatingPointError, match="non-finite train/loss in the steps up to global step 3"):
         window.reduce(global_step=3, samples_per_step=10, data_wait_s=0.0)
+
+
+def test_a_folder_with_checkpoints_is_not_started_over_by_accident(tmp_path, demo_manifest):
+    cfg = tiny_config(tmp_path, demo_manifest, "again", epochs=1, max_steps_per_epoch=3, eval_every=5)
+    run(["train", str(cfg), "train.max_steps=2"])
+    res = subprocess.run([sys.executable, "-m", "dgucdir", "train", str(cfg)], cwd=REPO, capture_output=True,
+                         text=True, timeout=300, check=False)
+    assert res.returncode == 2 and "already holds checkpoints (ckpt-000000002): --resume" in res.stderr
+    assert [p.name for p in (tmp_path / "again/checkpoints").iterdir()] == ["ckpt-000000002"]  # untouched
+    res = run(["train", str(cfg), "train.epochs=2", "--resume"])  # a changed config is named on resume
+    assert "resuming" in res.stderr and "train.epochs: 1 -> 2" in res.stderr and "train.max_steps: 2 -> None" in res.stderr
+    assert sorted(history(tmp_path / "again")[1]) == [1, 2, 3, 4, 5, 6]
+    run(["train", str(cfg), "train.max_steps=1", "--overwrite"])
+    assert [p.name for p in (tmp_path / "again/checkpoints").iterdir()] == ["ckpt-000000001"]
