@@ -131,15 +131,22 @@ def bench_loader(manifest_path: str, size: int, batch: int, steps: int) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     result: dict = {"image_size": size, "batch": batch, "domains": domains, "steps": steps, "device": device.type}
     threads = torch.get_num_threads()
-    for n in sorted({1, threads}):
+
+    def samples_per_s(n: int, partner: str) -> float:
         torch.set_num_threads(n)
         cfg = loader_config(domains, size, n)
+        cfg.augment.partner = partner
         loader = MultiDomainLoader(cfg, manifest, batch, PipelineSpec.for_device(size, n, device), device)
         it = loader.epoch(0, num_steps=steps + 1)
         next(it)  # pipeline build and first batch
         start = time.perf_counter()
         count = sum(len(b) for b in it)
-        result[f"ours_{n}_thread_samples_s"] = count / (time.perf_counter() - start)
+        return count / (time.perf_counter() - start)
+
+    for n in sorted({1, threads}):
+        result[f"ours_{n}_thread_samples_s"] = samples_per_s(n, "raw")
+    # what the original's feeding costs: raw partners (2 extra decodes + resizes per sample) vs in-batch ones
+    result[f"ours_{threads}_thread_in_batch_partner_samples_s"] = samples_per_s(threads, "batch")
     torch.set_num_threads(1)
     records = [(manifest.domain(d), r) for d in domains for r in manifest.domain(d).samples()[: max(16, batch // 4)]]
     blobs = [dom.read_image_bytes(r) for dom, r in records]

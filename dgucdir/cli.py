@@ -32,6 +32,14 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
+    if args.schema:
+        from .config import schema
+
+        for key, type_name, default, text in schema():
+            print(f"{key}  ({type_name}; default {default!r})\n    {text}")
+        return 0
+    if args.config is None:
+        raise ConfigError("give a config file (or --schema)")
     sys.stdout.write(to_yaml(load_config(args.config, args.overrides)))
     return 0
 
@@ -125,6 +133,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
                              device, Path(args.out), precision=cfg.train.mixed_precision or "no")
     print(report.markdown())
     print(f"saved: {', '.join(str(f) for f in files)}")
+    if args.log_to_run:
+        from .tracking import log_posthoc
+
+        if not checkpoint:
+            raise ConfigError("--log-to-run logs into the run that trained a checkpoint: give the checkpoint")
+        run_id = log_posthoc(cfg, Path(checkpoint), report.flat_metrics(), files, Path(args.out).name)
+        print(f"logged to MLflow run {run_id} (metrics posthoc/..., artifacts posthoc/{Path(args.out).name})")
     return 0
 
 
@@ -147,6 +162,14 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 
     print(run_ablation(args.config, args.overrides, args.variants, args.seeds, Path(args.out)).markdown())
     print(f"saved: {Path(args.out) / 'ablation.md'}, {Path(args.out) / 'ablation.json'}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .model.loading import encoder_from_checkpoint, save_encoder
+
+    encoder, cfg = encoder_from_checkpoint(Path(args.checkpoint))
+    print(f"exported {save_encoder(encoder, cfg, Path(args.out), args.layout)} ({args.layout} layout)")
     return 0
 
 
@@ -186,8 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("config", help="print the resolved config (after overrides and validation)")
-    _add_config_args(p)
+    p = sub.add_parser("config", help="print the resolved config (after overrides and validation), or --schema")
+    p.add_argument("config", nargs="?", help="YAML config file (see configs/)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=5 data.train_domains=[a,b]")
+    p.add_argument("--schema", action="store_true", help="list every key with its type, default and one line of help")
     p.set_defaults(func=cmd_config)
 
     p = sub.add_parser("pack", help="image lists or folder trees -> webdataset shards + DALI index + manifest",
@@ -241,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--manifest", help="packed dataset to evaluate on (default: the config's)")
     p.add_argument("--domains", nargs="+", help="domains to retrieve between (default: the config's eval domains)")
     p.add_argument("--out", default="eval_out", help="folder for tables and pictures")
+    p.add_argument("--log-to-run", action="store_true",
+                   help="also log the results into the MLflow run that trained the checkpoint (posthoc/...)")
     p.add_argument("overrides", nargs="*", default=[], help="dotted config overrides")
     p.set_defaults(func=cmd_eval)
 
@@ -267,6 +294,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="train.seed values (default: 0)")
     p.add_argument("--out", default="runs/ablate", help="folder of the variants' runs and the table")
     p.set_defaults(func=cmd_ablate)
+
+    p = sub.add_parser("export", help="the trained encoder of a checkpoint as safetensors (weights + config)")
+    p.add_argument("checkpoint", help="checkpoint folder (ckpt-*) or its state.pt")
+    p.add_argument("--out", required=True, help="output file, e.g. encoder.safetensors")
+    p.add_argument("--layout", default="dgucdir", choices=["dgucdir", "moco_v2"],
+                   help="tensor names: dgucdir's Encoder (default) or MoCo v2's module.encoder_q.* backbone keys")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("runs", help="results table over runs/seeds from MLflow (one row per training split)",
                        description="Reads the MLflow store with MLflow's search API and prints one row per training "

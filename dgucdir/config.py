@@ -443,6 +443,25 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
     return from_dict(raw, lines)
 
 
+def schema() -> list[tuple[str, str, Any, str]]:
+    """(dotted key, type, default, one line of help) for every key, in schema order."""
+    from .config_help import HELP
+
+    rows: list[tuple[str, str, Any, str]] = []
+
+    def walk(cls: type, obj: Any, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            key, value = f"{prefix}{f.name}", getattr(obj, f.name)
+            if dataclasses.is_dataclass(hints[f.name]):
+                walk(hints[f.name], value, key + ".")
+            else:
+                rows.append((key, _type_name(hints[f.name]), value, HELP.get(key, "")))
+
+    walk(Config, Config(), "")
+    return rows
+
+
 def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 

@@ -130,7 +130,7 @@ def job_parameters(cfg: Config, args: argparse.Namespace) -> dict:
     slurm = {"partition": args.partition or lc.partition, "account": args.account or lc.account,
              "qos": args.qos or lc.qos, "constraint": args.constraint or lc.constraint,
              "signal_delay_s": 120, "array_parallelism": args.array_parallelism,
-             "max_num_timeout": lc.max_requeues, "setup": [*lc.setup, *args.setup] or None,
+             "setup": [*lc.setup, *args.setup] or None,
              "additional_parameters": extra or None}
     params.update({f"slurm_{k}": v for k, v in slurm.items() if v})
     return params
@@ -214,7 +214,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if sweep_id:
         parent = start_sweep_run(base, uri, sweep_id, [o[len(args.overrides):-4] for o in runs])
         runs = [[*o, f"tracking.parent_run_id={parent}"] for o in runs]
-    executor = submitit.AutoExecutor(folder=folder, cluster=args.cluster)
+    # submitit's default of 3 time-outs would end the requeueing of a long run
+    executor = submitit.AutoExecutor(folder=folder, cluster=args.cluster, slurm_max_num_timeout=cfgs[0].launch.max_requeues)
     executor.update_parameters(**params)
     jobs_args = [TrainJob(args.config, o) for o in runs]
     if len(jobs_args) > 1:

@@ -98,6 +98,40 @@ def start_sweep_run(cfg: Config, uri: str, sweep_id: str, jobs: list[list[str]])
     return run.info.run_id
 
 
+def log_posthoc(cfg: Config, checkpoint: Path, metrics: dict[str, float], files: list[Path], tag: str) -> str:
+    """Logs an evaluation made after training into the run that trained ``checkpoint`` (prefix posthoc/).
+
+    The metrics are logged at the checkpoint's global step, so they line up with the run's curves.
+    Returns the run id.
+    """
+    import time
+
+    from mlflow.entities import Metric
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from .checkpoint import META, read_shared
+    from .errors import CheckpointError
+
+    shared = read_shared(checkpoint)
+    run_id, step = shared[META].get("mlflow_run_id"), shared["progress"]["global_step"]
+    uri = tracking_uri(cfg)
+    if not run_id:
+        raise CheckpointError(f"{checkpoint}: trained without MLflow tracking; no run to log into")
+    client = MlflowClient(uri)
+    try:
+        client.get_run(run_id)
+    except MlflowException:
+        raise CheckpointError(f"{checkpoint}: its run {run_id} is not in {uri} (set MLFLOW_TRACKING_URI or "
+                              "tracking.uri to the store it was trained with)") from None
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(f"posthoc/{k.replace('@', '_at_')}", float(v), now, step)
+                                      for k, v in metrics.items()])
+    for f in files:
+        client.log_artifact(run_id, str(f), f"posthoc/{tag}")
+    return run_id
+
+
 class Tracker:
     def __init__(self, cfg: Config, active: bool) -> None:
         self.cfg = cfg
@@ -148,6 +182,15 @@ class Tracker:
         if self.active:
             for p in paths:
                 self._mlflow.log_artifact(str(p), artifact_path=subdir)
+
+    def log_images(self, paths: list[Path], step: int) -> None:
+        """PNG pictures as MLflow images keyed by file stem, so the UI shows them per step."""
+        if self.active:
+            from PIL import Image
+
+            for p in paths:
+                with Image.open(p) as img:
+                    self._mlflow.log_image(img.convert("RGB"), key=p.stem, step=step)
 
     def end(self, status: str = "FINISHED") -> None:
         """Ends the run; later log calls are dropped (MLflow would silently open a new run for them)."""

@@ -37,6 +37,7 @@ from .errors import UserError
 from .metric_window import MetricWindow
 from .model.dgucdir import DGUCDIR
 from .model.encoder import load_moco_v2
+from .model.loading import save_encoder
 from .retrieval import EvalReport, embed_local, evaluate
 from .runtime import moco_init_path, validate_runtime
 from .seeding import ProcessRNG, derive_seed, seed_process
@@ -239,7 +240,8 @@ class Trainer:
                                  precision=self.precision)
         self._check_ranks_agree(report)
         self.tracker.log_metrics({f"eval/{k}": v for k, v in report.flat_metrics().items()}, self.progress.global_step)
-        self.tracker.log_artifacts(files, f"eval/{tag}")
+        self.tracker.log_artifacts([f for f in files if f.suffix != ".png"], f"eval/{tag}")
+        self.tracker.log_images([f for f in files if f.suffix == ".png"], self.progress.global_step)
         log.info("retrieval on unseen domains after %s: %s", tag,
                  ", ".join(f"{k} {100 * v:.2f}" for k, v in report.mean().items()))
         self.last_report = report
@@ -337,6 +339,9 @@ class Trainer:
             while self.progress.epoch < self.cfg.train.epochs and self.train_epoch():
                 pass
             finished = self.progress.epoch >= self.cfg.train.epochs
+            if finished and self.rank == 0:  # the trained encoder, ready for `dgucdir eval`/search elsewhere
+                self.tracker.log_artifacts([save_encoder(self.core.encoder_q, self.cfg,
+                                                         self.out_dir / "encoder.safetensors")], "model")
             if not finished:
                 log.info("stopped at epoch %d step %d; resume with --resume", self.progress.epoch,
                          self.progress.step_in_epoch)

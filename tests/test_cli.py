@@ -8,7 +8,7 @@ import yaml
 
 from helpers import REPO, cli, run, tiny_config
 
-SUBCOMMANDS = ["config", "pack", "demo-data", "demo", "train", "eval", "search", "ablate", "runs", "bench"]
+SUBCOMMANDS = ["config", "pack", "demo-data", "demo", "train", "eval", "search", "export", "ablate", "runs", "bench"]
 
 
 def test_help_explains_every_subcommand():
@@ -96,3 +96,37 @@ def test_user_errors_are_one_line_and_bugs_keep_their_traceback(monkeypatch, cap
     monkeypatch.setattr(cli_module, "cmd_config", bug)
     with pytest.raises(KeyError, match="a bug"):
         cli_module.main(["config", "configs/demo.yaml"])
+
+
+def test_export_round_trips_the_encoder_in_both_layouts(tmp_path, checkpoint):
+    import torch
+
+    from dgucdir.model.encoder import MOCO_PREFIX
+    from dgucdir.model.loading import encoder_from_checkpoint, load_encoder
+
+    want, _ = encoder_from_checkpoint(checkpoint)
+    for layout in ("dgucdir", "moco_v2"):
+        out = tmp_path / f"{layout}.safetensors"
+        cli("export", str(checkpoint), "--out", str(out), "--layout", layout)
+        got, cfg = load_encoder(out)
+        assert cfg.model.arch == "resnet_narrow"
+        for (k, a), (_, b) in zip(want.state_dict().items(), got.state_dict().items()):
+            assert torch.equal(a, b), k
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "moco_v2.safetensors"), framework="pt") as f:
+        assert all(k.startswith(MOCO_PREFIX) for k in f.keys()) and f"{MOCO_PREFIX}conv1.weight" in f.keys()
+
+
+def test_eval_log_to_run_lands_in_the_training_run(tmp_path, checkpoint):
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    meta = torch.load(checkpoint / "state.pt", weights_only=False)
+    run_id, step = meta["meta"]["mlflow_run_id"], meta["progress"]["global_step"]
+    res = cli("eval", str(checkpoint), "--log-to-run", "--out", str(tmp_path / "posthoc"))
+    assert f"logged to MLflow run {run_id}" in res.stdout
+    client = MlflowClient(meta["meta"]["config"]["tracking"]["uri"])
+    history = client.get_metric_history(run_id, "posthoc/mean/P_at_1")
+    report = json.loads((tmp_path / "posthoc/retrieval.json").read_text())
+    assert [(m.step, round(m.value, 9)) for m in history] == [(step, round(report["mean"]["P@1"], 9))]

@@ -89,3 +89,13 @@ def test_flatten_round_trip():
     flat = flatten(Config())
     assert flat["optim.lr"] == 0.0002 and flat["data.train_domains"] == ["ink", "neon"]
     assert len(flat) == sum(len(v) for v in Config().__dict__.values() for v in [vars(v)])
+
+
+def test_schema_lists_every_key_with_type_default_and_help():
+    from dgucdir.config import schema
+
+    rows = {key: (tp, default, text) for key, tp, default, text in schema()}
+    assert set(rows) == set(flatten(Config()))
+    assert all(text for _, _, text in rows.values()), [k for k, (_, _, t) in rows.items() if not t]
+    assert rows["optim.lr"][:2] == ("a number", 0.0002)
+    assert rows["train.mixed_precision"][0] == "one of 'no', 'bf16', 'fp16' or null"

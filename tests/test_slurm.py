@@ -143,3 +143,26 @@ def test_domain_pair_sweep_gives_one_job_per_split():
     jobs = [l for l in res.stdout.splitlines() if l.startswith("# job:")]
     assert len(jobs) == 6  # C(4, 2) training pairs of PACS
     assert len({re.search(r"train.output_dir=(\S+)", j).group(1) for j in jobs}) == 6
+
+
+def test_a_sweep_shares_one_store_under_a_parent_run_and_tabulates(slurm_env, tmp_path, demo_manifest):
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    cfg = tiny_config(tmp_path, demo_manifest, "sweep", epochs=1, max_steps_per_epoch=3)
+    res = submit(slurm_env, cfg, tmp_path / "logs", "--sweep", "train.seed=0;1")
+    assert res.stdout.count("'finished': True") == 4  # 2 jobs x 2 ranks
+    sweep = re.search(r"dgucdir runs --sweep (\S+)", res.stdout).group(1)
+    uri = f"sqlite:///{tmp_path / 'sweep' / 'mlruns.db'}"
+    client = MlflowClient(uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    parent = [r for r in runs if r.data.tags.get("dgucdir.sweep_parent") == "true"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id]
+    assert len(parent) == 1 and len(children) == 2 and len(runs) == 3
+    assert {r.data.tags["dgucdir.seed"] for r in children} == {"0", "1"}
+    assert all(r.data.tags["dgucdir.sweep"] == sweep and r.data.tags["dgucdir.world_size"] == "2" for r in children)
+    table = subprocess.run([sys.executable, "-m", "dgucdir", "runs", "--uri", uri, "--sweep", sweep, "--json"],
+                           cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert table.returncode == 0, table.stderr
+    assert json.loads(table.stdout)["table"]["ink+neon"]["mean"]["n"] == 2

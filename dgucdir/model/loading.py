@@ -13,7 +13,7 @@ import torch
 from ..checkpoint import META, read_shared
 from ..config import Config, from_dict
 from ..errors import CheckpointError
-from .encoder import Encoder, load_moco_v2
+from .encoder import MOCO_PREFIX, Encoder, load_moco_v2
 
 QUERY_PREFIX = "encoder_q."
 
@@ -36,6 +36,53 @@ def encoder_from_checkpoint(path: Path, cfg: Config | None = None) -> tuple[Enco
     except RuntimeError as exc:
         raise CheckpointError(f"{path}: was trained with another architecture than model.arch={cfg.model.arch} "
                               f"({str(exc).splitlines()[0]})") from exc
+    return encoder, cfg
+
+
+EXPORT_LAYOUTS = ("dgucdir", "moco_v2")
+
+
+def save_encoder(encoder: Encoder, cfg: Config, out: Path, layout: str = "dgucdir") -> Path:
+    """The encoder's weights and its config in one safetensors file (atomic).
+
+    ``layout="moco_v2"`` names the backbone tensors as a MoCo v2 checkpoint does
+    (``module.encoder_q.conv1.weight``, ...), for code that loads MoCo weights.
+    """
+    from safetensors.torch import save_file
+
+    from ..config import to_yaml
+
+    if layout not in EXPORT_LAYOUTS:
+        raise CheckpointError(f"export layout {layout!r}: expected one of {', '.join(EXPORT_LAYOUTS)}")
+    state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
+    if layout == "moco_v2":
+        state = {MOCO_PREFIX + k[len("net."):]: v for k, v in state.items()}
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    save_file(state, str(tmp), metadata={"dgucdir.config": to_yaml(cfg), "dgucdir.layout": layout})
+    tmp.replace(out)
+    return out
+
+
+def load_encoder(path: Path) -> tuple[Encoder, Config]:
+    """An encoder saved by :func:`save_encoder` (either layout), with the config it was trained with."""
+    import yaml
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
+        raise CheckpointError(f"{path}: not a readable safetensors file ({type(exc).__name__}: {exc})") from exc
+    if "dgucdir.config" not in meta:
+        raise CheckpointError(f"{path}: not an encoder exported by dgucdir (no config in its metadata)")
+    cfg = from_dict(yaml.safe_load(meta["dgucdir.config"]))
+    if meta.get("dgucdir.layout") == "moco_v2":
+        state = {"net." + k[len(MOCO_PREFIX):]: v for k, v in state.items()}
+    encoder = Encoder(cfg.model.arch, cfg.model.proj_dim)
+    encoder.load_state_dict(state)
     return encoder, cfg
 
 
