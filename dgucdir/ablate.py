@@ -49,6 +49,7 @@ class Ablation:
     config: str
     seeds: list[int]
     variants: list[VariantResult]
+    sweep: str
 
     def markdown(self) -> str:
         full = next((v for v in self.variants if v.name == "full"), None)
@@ -61,7 +62,7 @@ class Ablation:
                 cells += [f"{v.stat(m)[0] - full.stat(m)[0]:+.2f}" for m in METRICS]
             rows.append(f"| {v.name} | {' '.join(v.overrides) or VARIANTS[v.name][0]} | " + " | ".join(cells) + " |")
         return (f"Ablation of {self.config}, seeds {self.seeds}: mean over the ordered pairs of unseen domains "
-                f"of the last epoch's retrieval\n\n" + "\n".join(rows) + "\n")
+                f"of the last epoch's retrieval (also: dgucdir runs --sweep {self.sweep})\n\n" + "\n".join(rows) + "\n")
 
     def to_json(self) -> str:
         return json.dumps({"config": self.config, "seeds": self.seeds,
@@ -82,18 +83,20 @@ def run_ablation(config: str, overrides: list[str], variants: list[str], seeds: 
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise ConfigError(f"--variants: unknown {unknown}; known: {', '.join(VARIANTS)}")
+    sweep = f"ablate-{out.resolve().name}"  # `dgucdir runs --sweep` shows the same table from MLflow
     results = []
     for name in variants:
         result = VariantResult(name, VARIANTS[name][1])
         for seed in seeds:
             run_dir = out / f"{name}-seed{seed}"
-            args = [*overrides, *result.overrides, f"train.seed={seed}", f"train.output_dir={run_dir}"]
+            args = [*overrides, *result.overrides, f"train.seed={seed}", f"train.output_dir={run_dir}",
+                    f"tracking.group={name}", f"tracking.sweep={sweep}", f"tracking.run_name={name}-seed{seed}"]
             cfg = load_config(config, args)  # a bad override fails here, before any training
             log.info("ablation %s, seed %d -> %s", name, seed, run_dir)
             subprocess.run([sys.executable, "-m", "dgucdir", "train", config, *args, "--resume"], check=True)
             result.per_seed[seed] = final_report(run_dir, cfg.train.epochs)
         results.append(result)
-    ablation = Ablation(config, seeds, results)
+    ablation = Ablation(config, seeds, results, sweep)
     out.mkdir(parents=True, exist_ok=True)
     (out / "ablation.md").write_text(ablation.markdown())
     (out / "ablation.json").write_text(ablation.to_json() + "\n")

@@ -125,6 +125,7 @@ class TrackingConfig:
     store: str = "runs"  # folder of the default store and its artifacts: one store for every run under it
     experiment: str = "dgucdir"
     run_name: str | None = None
+    group: str | None = None  # a label that splits rows of `dgucdir runs`, e.g. an ablation variant
     sweep: str | None = None  # set by `dgucdir submit` for the jobs of a sweep (tag dgucdir.sweep)
     parent_run_id: str | None = None  # the sweep's parent run; the job's run is its child
 

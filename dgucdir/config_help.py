@@ -62,6 +62,7 @@ HELP: dict[str, str] = {
     "tracking.store": "folder of the default SQLite store and its artifacts, shared by all runs under it",
     "tracking.experiment": "MLflow experiment name",
     "tracking.run_name": "MLflow run name (default: output folder, training domains, seed)",
+    "tracking.group": "label that splits the rows of dgucdir runs (tag dgucdir.group), e.g. an ablation variant",
     "tracking.sweep": "sweep id, set by dgucdir submit (tag dgucdir.sweep)",
     "tracking.parent_run_id": "parent run of a sweep job, set by dgucdir submit",
     "launch.nodes": "SLURM nodes",

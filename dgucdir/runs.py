@@ -1,6 +1,7 @@
 """`dgucdir runs`: the results table researchers paste into papers, read from MLflow with its search API.
 
-One row per training split (the runs' ``dgucdir.train_domains`` tag), one column per ordered pair of
+One row per training split (the runs' ``dgucdir.train_domains`` tag, and ``dgucdir.group`` where a
+run has one, e.g. an ablation variant), one column per ordered pair of
 unseen domains plus their mean, each cell the mean ± std over the split's runs (seeds) of the
 metric's last logged value. A sweep's parent run (``dgucdir submit``) gets the table and the
 picture as artifacts.
@@ -123,8 +124,11 @@ def collect(uri: str, metric: str, experiment: str | None = None, sweep: str | N
         pairs = {k.split("/")[1]: v for k, v in metrics.items()
                  if k.startswith("eval/") and k.endswith("/" + metric.replace("@", "_at_"))}
         curve = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, metric_key("mean", metric))]
-        results.append(RunResult(run.info.run_id, run.info.run_name, tags.get("dgucdir.train_domains", "?")
-                                 .replace(",", "+"), tags.get("dgucdir.seed", "?"), pairs, sorted(curve)))
+        split = tags.get("dgucdir.train_domains", "?").replace(",", "+")
+        if tags.get("dgucdir.group"):
+            split = f"{split} [{tags['dgucdir.group']}]"
+        results.append(RunResult(run.info.run_id, run.info.run_name, split, tags.get("dgucdir.seed", "?"), pairs,
+                                 sorted(curve)))
     if not results:
         where = f"sweep {sweep!r}" if sweep else f"experiment {experiment!r}" if experiment else "any experiment"
         raise UserError(f"no evaluated runs in {where} of {uri}")

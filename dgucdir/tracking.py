@@ -161,7 +161,7 @@ class Tracker:
                             str(exc).splitlines()[0])
         if run is None:
             tc = self.cfg.tracking
-            tags = {"dgucdir.sweep": tc.sweep} if tc.sweep else {}
+            tags = {f"dgucdir.{k}": v for k, v in (("sweep", tc.sweep), ("group", tc.group)) if v}
             if tc.parent_run_id:
                 tags["mlflow.parentRunId"] = tc.parent_run_id
             run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name(self.cfg), tags=tags)

@@ -13,6 +13,7 @@ write a checkpoint and exit 0, which is what SLURM preemption and submitit reque
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import shutil
@@ -28,7 +29,7 @@ from tqdm import tqdm
 from . import dist
 from .checkpoint import Checkpointer, StateFns, list_checkpoints
 from .cluster import ClusterSlot, ClusterState, spherical_kmeans
-from .config import Config, flatten, from_dict, to_dict, to_yaml
+from .config import Config, ConfigError, flatten, from_dict, to_dict, to_yaml
 from .data.fourier import normalize
 from .data.loader import Batch, MultiDomainLoader
 from .data.manifest import Manifest
@@ -107,8 +108,6 @@ def build_model(cfg: Config, n_domains: int, rank_batch: int, device: torch.devi
 
 def write_run_info(out_dir: Path, manifest: Manifest) -> None:
     """Records which data the run trains on, so tools can tell a run on other data (demo stale runs)."""
-    import json
-
     (out_dir / RUN_INFO).write_text(json.dumps({"manifest": str(manifest.path.resolve()),
                                                 "manifest_sha256": manifest.fingerprint()}, indent=1) + "\n")
 
@@ -197,14 +196,23 @@ class Trainer:
             log.info("no checkpoint in %s: starting from scratch", self.checkpointer.root)
             return None
         path, meta = found
-        mine, theirs = flatten(self.cfg), flatten(from_dict(meta["config"]))
+        self._warn_config_changes(path, meta["config"])
+        p = self.progress
+        log.info("resumed from %s: epoch %d, step %d (global step %d)", path, p.epoch, p.step_in_epoch, p.global_step)
+        return meta["mlflow_run_id"]
+
+    def _warn_config_changes(self, path: Path, saved: dict) -> None:
+        """Resuming under another config is allowed, but never silently: every changed key is named."""
+        try:
+            theirs = flatten(from_dict(saved))
+        except ConfigError as exc:
+            log.warning("resuming %s, whose saved config this version cannot read (%s)", path, exc)
+            return
+        mine = flatten(self.cfg)
         changed = sorted(k for k in mine if mine[k] != theirs.get(k))
         if changed:
             log.warning("resuming %s with a changed config: %s", path,
                         ", ".join(f"{k}: {theirs.get(k)!r} -> {mine[k]!r}" for k in changed))
-        p = self.progress
-        log.info("resumed from %s: epoch %d, step %d (global step %d)", path, p.epoch, p.step_in_epoch, p.global_step)
-        return meta["mlflow_run_id"]
 
     # ------------------------------------------------------------------ clustering
     @torch.no_grad()
