@@ -50,7 +50,7 @@ def test_uninterrupted_run_tracks_everything(uninterrupted, demo_manifest):
     evals = {a.path for a in client.list_artifacts(run_id, "eval/epoch_0002")}
     assert {"eval/epoch_0002/retrieval.md", "eval/epoch_0002/retrieval.json"} <= evals
     images = [a.path for a in client.list_artifacts(run_id, "images")]  # mlflow.log_image, one per epoch
-    assert sum("retrieval_photo_to_sketch" in p and "step%10" in p for p in images) == 1, images
+    assert sum(p.startswith("images/retrieval_photo_to_sketch+step+10+") and p.endswith(".png") for p in images) == 1, images
     assert "model/encoder.safetensors" in {a.path for a in client.list_artifacts(run_id, "model")}
     ckpts = sorted(p.name for p in (uninterrupted / "checkpoints").iterdir())
     assert ckpts == ["ckpt-000000005", "ckpt-000000010", "ckpt-000000015"]
