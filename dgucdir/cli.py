@@ -193,9 +193,25 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     from .bench import run_bench
 
+    if args.what == "train":
+        from . import dist
+        from .bench_train import bench_train
+        from .demo import ensure_demo_data
+
+        ensure_demo_data(load_config(args.config, args.overrides), dist_world_size())
+        result = bench_train(args.config, args.overrides, args.steps, args.warmup)
+        if dist.rank() == 0:
+            print(json.dumps({"bench": "train", **result}, indent=1))
+        return 0
     print(json.dumps(run_bench(args.what, args.manifest, args.image_size, args.batch_size, args.steps, args.sizes,
                                args.naive_max), indent=1))
     return 0
+
+
+def dist_world_size() -> int:
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -315,8 +331,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--png", help="also draw the metric over training per run and the final bars to this PNG")
     p.set_defaults(func=cmd_runs)
 
-    p = sub.add_parser("bench", help="throughput and memory figures as JSON")
-    p.add_argument("what", choices=["aug", "loader", "eval"])
+    p = sub.add_parser("bench", help="throughput and memory figures as JSON",
+                       description="aug, loader, eval: the project's path next to a naive one written as the original "
+                       "works. train: samples/s, data-wait fraction and MFU of real training steps in the world it "
+                       "is launched in, e.g. `torchrun --nproc_per_node 2 -m dgucdir bench train`.")
+    p.add_argument("what", choices=["aug", "loader", "eval", "train"])
+    p.add_argument("--config", default="configs/demo.yaml", help="train: the config to train (default: the demo)")
+    p.add_argument("overrides", nargs="*", default=[], help="train: dotted config overrides")
+    p.add_argument("--warmup", type=int, default=3, help="train: untimed steps first")
     p.add_argument("--manifest", default="data/demo/shards/manifest.json")
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--batch-size", type=int, default=64)
