@@ -78,13 +78,11 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    import os
-
     from .demo import ensure_demo_data
     from .train import EXIT_STOPPED, Trainer
 
     cfg = load_config(args.config, args.overrides)
-    ensure_demo_data(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    ensure_demo_data(cfg, launched_world_size())
     trainer = Trainer(cfg, resume=args.from_checkpoint or ("latest" if args.resume else None), overwrite=args.overwrite)
     finished = trainer.fit()
     return EXIT_STOPPED if not finished and trainer.stop.requested else 0
@@ -198,7 +196,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from .bench_train import bench_train
         from .demo import ensure_demo_data
 
-        ensure_demo_data(load_config(args.config, args.overrides), dist_world_size())
+        ensure_demo_data(load_config(args.config, args.overrides), launched_world_size())
         result = bench_train(args.config, args.overrides, args.steps, args.warmup)
         if dist.rank() == 0:
             print(json.dumps({"bench": "train", **result}, indent=1))
@@ -208,7 +206,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def dist_world_size() -> int:
+def launched_world_size() -> int:
+    """The number of processes the launcher started (before any process group exists)."""
     import os
 
     return int(os.environ.get("WORLD_SIZE", "1"))
