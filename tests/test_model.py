@@ -199,3 +199,35 @@ def test_encoder_outputs_are_normalised_with_the_right_widths():
         torch.testing.assert_close(proj.norm(dim=1), torch.ones(2))
         torch.testing.assert_close(pooled.norm(dim=1), torch.ones(2))
     assert Encoder("resnet50").feature_dim == 2048
+
+
+def test_shuffle_bn_permutation_follows_train_seed():
+    """The permutation (and so which samples share BN statistics) is drawn from (train.seed, step):
+    the same seed reproduces the keys exactly, another seed gives other keys from the same weights."""
+    from dgucdir.config import LossConfig, ModelConfig
+    from dgucdir.model.dgucdir import DGUCDIR
+
+    def keys(seed):
+        torch.manual_seed(0)  # same weights for every model
+        model = DGUCDIR(ModelConfig(arch="resnet_narrow"), LossConfig(queue_size=32), 2, B, torch.device("cpu"), seed)
+        with torch.no_grad():
+            return model.shuffled_keys(_batch(1).k_rgb)
+
+    assert torch.equal(keys(0), keys(0))
+    assert not torch.allclose(keys(0), keys(1))
+
+
+def test_search_cache_key_follows_the_encoder_weights_only(demo_manifest):
+    from dgucdir.data.manifest import Manifest
+    from dgucdir.model.encoder import Encoder
+    from dgucdir.search import gallery_cache_key
+
+    manifest = Manifest.load(demo_manifest)
+    torch.manual_seed(0)
+    a = Encoder("resnet_narrow")
+    b = copy.deepcopy(a)
+    assert gallery_cache_key(a, manifest, "sketch", 64) == gallery_cache_key(b, manifest, "sketch", 64)
+    with torch.no_grad():
+        next(b.parameters()).view(-1)[0] += 1e-3
+    assert gallery_cache_key(a, manifest, "sketch", 64) != gallery_cache_key(b, manifest, "sketch", 64)
+    assert gallery_cache_key(a, manifest, "sketch", 64) != gallery_cache_key(a, manifest, "sketch", 32)
