@@ -18,13 +18,16 @@ from .config import Config, flatten
 log = logging.getLogger(__name__)
 
 
+SQLITE = "sqlite:///"
+
+
 def tracking_uri(cfg: Config) -> str:
     """Config first, then MLFLOW_TRACKING_URI, then one SQLite store in ``tracking.store`` for all runs."""
     if cfg.tracking.uri:
         return cfg.tracking.uri
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    return f"sqlite:///{Path(cfg.tracking.store).resolve() / 'mlruns.db'}"
+    return f"{SQLITE}{Path(cfg.tracking.store).resolve() / 'mlruns.db'}"
 
 
 def run_name(cfg: Config) -> str:
@@ -67,10 +70,16 @@ def run_tags(cfg: Config, world_size: int, precision: str, manifest_sha256: str)
     return tags
 
 
+def sqlite_folder(uri: str) -> Path | None:
+    """The folder of a SQLite store's file, None for any other kind of store."""
+    return Path(uri[len(SQLITE):]).parent if uri.startswith(SQLITE) else None
+
+
 def use_store(mlflow: Any, uri: str) -> None:
     """Points MLflow at ``uri``, creating the folder of a SQLite store (SQLite does not)."""
-    if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    folder = sqlite_folder(uri)
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
 
 
@@ -79,9 +88,8 @@ def experiment_for(mlflow: Any, uri: str, name: str) -> str:
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
-    artifacts = None
-    if uri.startswith("sqlite:///"):  # artifacts beside the store, never in the current folder
-        artifacts = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
+    folder = sqlite_folder(uri)  # artifacts beside the store, never in the current folder
+    artifacts = (folder / "mlartifacts").as_uri() if folder is not None else None
     return mlflow.create_experiment(name, artifact_location=artifacts)
 
 
