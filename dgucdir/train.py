@@ -7,8 +7,9 @@ warm-up, periodic checkpoints and retrieval evaluation, exact resume.
 Exact resume works because every random draw of a step is a function of (seed, epoch, rank,
 step) — DALI pipeline seeds, Fourier lambdas and partners, the shuffle-BN permutation — and
 everything else that evolves (weights, optimizer, queues, cluster state, step counters) is in
-the checkpoint. SIGTERM/SIGUSR1 stop the run at the next step where the ranks compare notes,
-write a checkpoint and exit 0, which is what SLURM preemption and submitit requeueing rely on.
+the checkpoint. SIGTERM/SIGUSR1 stop the run at the next step where the ranks compare notes and
+write a checkpoint; ``fit()`` then returns normally (a SLURM task ends cleanly, which preemption
+and submitit requeueing rely on; `dgucdir train` exits 75).
 """
 
 from __future__ import annotations
@@ -161,7 +162,8 @@ class Trainer:
             (self.out_dir / "config.yaml").write_text(to_yaml(cfg))
             write_run_info(self.out_dir, self.manifest)
         self.tracker.start(run_id)
-        self.tracker.set_tags(run_tags(cfg, self.world, self.precision, self.manifest.fingerprint()))
+        if self.tracker.active:  # rank 0 only: the tags cost two git calls and a manifest hash
+            self.tracker.set_tags(run_tags(cfg, self.world, self.precision, self.manifest.fingerprint()))
         if self.rank == 0 and run_id is None:
             self.tracker.log_artifacts([self.out_dir / "config.yaml"])
         log.info("world size %d, %d samples per rank per step (%d per domain), %d steps per epoch, queue %.1f MiB per rank",
@@ -354,6 +356,9 @@ class Trainer:
                 log.info("stopped at epoch %d step %d; resume with --resume", self.progress.epoch,
                          self.progress.step_in_epoch)
             self.tracker.end("FINISHED" if finished else "KILLED")
+            # leave together: a rank that exits while rank 0 still exports and logs tears the gloo
+            # group down under it (seen as SIGABRT of rank 1 and a SIGTERM from torchrun to rank 0)
+            dist.barrier()
             return finished
         except BaseException:
             log.exception("training failed on rank %d", self.rank)
