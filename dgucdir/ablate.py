@@ -23,13 +23,14 @@ log = logging.getLogger(__name__)
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "full": ("the method as configured", []),
     "batch_partner": ("Fourier partner: another sample's augmented view, shared by both views",
-                      ["augment.partner=batch"]),
+                      ["augment.partner=shared_batch"]),
     "no_phase_mix": ("amplitude mix only (no low-frequency phase mix)", ["augment.hpf_range=0"]),
     "no_fourier": ("no Fourier mixing (phase images still used)", ["augment.fourier=false"]),
     "no_cluster": ("no cluster-wise contrastive loss", ["loss.cluster=false"]),
     "rgb_only": ("plain MoCo on RGB views: no phase branch, no Fourier, no clusters",
                  ["model.rgb_only=true", "augment.fourier=false", "loss.cluster=false"]),
 }
+STANDARD = ("full", "no_fourier", "no_phase_mix", "rgb_only", "no_cluster")  # the paper's ablations
 METRICS = ("P@1", "mAP@All")
 
 

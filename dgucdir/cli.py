@@ -71,9 +71,9 @@ def cmd_pack(args: argparse.Namespace) -> int:
 
 
 def cmd_demo_data(args: argparse.Namespace) -> int:
-    from .demo import build_demo_data
+    from .demo import DEMO_SETS, build_demo_data
 
-    print(build_demo_data(Path(args.out), force=True))
+    print(build_demo_data(Path(args.out or DEMO_SETS[args.set].manifest.parent.parent), force=True, kind=args.set))
     return 0
 
 
@@ -246,8 +246,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="fail (and pack nothing) if any image would be skipped")
     p.set_defaults(func=cmd_pack)
 
-    p = sub.add_parser("demo-data", help="render the digits demo dataset (4 domains) and pack it")
-    p.add_argument("out", nargs="?", default="data/demo", help="output folder (default data/demo)")
+    p = sub.add_parser("demo-data", help="render a demo dataset (4 domains) and pack it",
+                       description="Renders one of the embedded datasets (no download) and packs it: 'digits' "
+                       "(configs/demo.yaml) or 'shapes', ten geometric shapes in four material-like domains "
+                       "(configs/shapes.yaml), the second check of the ablations.")
+    p.add_argument("out", nargs="?", help="output folder (default: where the set's config expects it, "
+                   "data/demo or data/shapes)")
+    p.add_argument("--set", choices=["digits", "shapes"], default="digits", help="which dataset (default digits)")
     p.set_defaults(func=cmd_demo_data)
 
     p = sub.add_parser("demo", help="the main job: demo data, train on two domains, evaluate on the two unseen ones",
@@ -295,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="search.png", help="picture of the results")
     p.set_defaults(func=cmd_search)
 
-    from .ablate import VARIANTS
+    from .ablate import STANDARD, VARIANTS
 
     p = sub.add_parser("ablate", help="train the method and its ablations over seeds; table on unseen domains",
                        description="Trains each variant (the config plus a few overrides) for each seed with "
@@ -304,9 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
                        + "\n".join(f"  {k:14} {d}" for k, (d, _) in VARIANTS.items()),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_config_args(p)
-    p.add_argument("--variants", nargs="+", default=["full", "batch_partner", "no_fourier", "no_cluster", "rgb_only"],
-                   metavar="NAME", help="which variants (default: full batch_partner no_fourier no_cluster rgb_only)")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0], help="train.seed values (default: 0)")
+    p.add_argument("--variants", nargs="+", default=list(STANDARD), metavar="NAME",
+                   help=f"which variants (default: the standard ablations, {' '.join(STANDARD)})")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="train.seed values (default: 0 1 2)")
     p.add_argument("--out", default="runs/ablate", help="folder of the variants' runs and the table")
     p.set_defaults(func=cmd_ablate)
 

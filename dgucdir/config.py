@@ -44,9 +44,9 @@ class AugmentConfig:
     hpf_fixed: bool = False
     phase_amplitude: float = 50000.0
     crop_scale_min: float = 0.2
-    # "raw": each view its own partner, a raw resized training image of any training domain (the
-    # original); "batch": one augmented in-batch partner per sample, shared by both views (ablation)
-    partner: Literal["raw", "batch"] = "raw"
+    # "per_view_raw": each view its own partner, a raw resized training image of any training domain (the
+    # original); "shared_batch": one augmented in-batch partner per sample, shared by both views (ablation)
+    partner: Literal["per_view_raw", "shared_batch"] = "per_view_raw"
 
 
 @dataclass

@@ -14,7 +14,7 @@ HELP: dict[str, str] = {
     "augment.hpf_fixed": "use exactly hpf_alpha instead of drawing lambda_p",
     "augment.phase_amplitude": "constant amplitude of the phase image (paper: 50000 at 224 px)",
     "augment.crop_scale_min": "smallest area fraction of MoCo v2's random resized crop",
-    "augment.partner": "raw: each view its own raw training image as partner (original); batch: shared in-batch view",
+    "augment.partner": "per_view_raw: each view its own raw training image as partner (original); shared_batch: one in-batch view per sample",
     "model.arch": "backbone: resnet50 (paper), resnet18, resnet_narrow (CPU demo)",
     "model.proj_dim": "output size of the MLP head",
     "model.momentum": "key encoder momentum m",

@@ -12,11 +12,13 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from .config import Config, ConfigError, flatten, load_config
-from .data.demo import RENDER_VERSION, VERSION_FILE, mark_render_version, read_render_version, write_demo_images
+from .data import demo as digits
+from .data import shapes
 from .data.manifest import Manifest
 from .data.pack import pack, read_list
 from .model.loading import baseline_encoder
@@ -25,39 +27,63 @@ from .train import RUN_INFO, Trainer
 
 log = logging.getLogger(__name__)
 
-DEMO_MANIFEST = Path("data/demo/shards/manifest.json")  # where configs/demo.yaml expects the demo
 
 
-def build_demo_data(out: Path, force: bool = False) -> Path:
-    """Renders and packs the demo dataset unless this renderer's version is already there.
+@dataclass(frozen=True)
+class DemoSet:
+    """A dataset rendered on this machine: no download, packed by the same path users take for PACS."""
+
+    render: Callable[[Path], dict[str, Path]]  # writes images and one list per domain under a folder
+    version: int  # of the renderer: bumped whenever the rendering changes, so old folders are rebuilt
+    classes: int
+    manifest: Path  # where its config expects it
+
+
+DEMO_SETS: dict[str, DemoSet] = {
+    "digits": DemoSet(digits.write_demo_images, digits.RENDER_VERSION, 10, Path("data/demo/shards/manifest.json")),
+    "shapes": DemoSet(shapes.write_shape_images, 1, len(shapes.CLASSES), Path("data/shapes/shards/manifest.json")),
+}
+VERSION_FILE = "render_version"  # in the data folder: which renderer made it, e.g. "digits 2"
+
+
+def demo_set_of(manifest: Path) -> str | None:
+    """Which demo set a config's manifest path is the default place of, if any."""
+    return next((name for name, s in DEMO_SETS.items() if Path(manifest) == s.manifest), None)
+
+
+def build_demo_data(out: Path, force: bool = False, kind: str = "digits") -> Path:
+    """Renders and packs demo set ``kind`` unless this renderer's version of it is already there.
 
     Returns the manifest path. The version file is written last, so an interrupted build is
     rebuilt rather than trusted.
     """
+    demo_set = DEMO_SETS[kind]
     manifest = out / "shards" / "manifest.json"
+    stamp = f"{kind} {demo_set.version}"
+    version_file = out / VERSION_FILE
     if manifest.is_file() and not force:
-        found = read_render_version(out)
-        if found == RENDER_VERSION:
-            log.info("demo data already at %s", manifest)
+        found = version_file.read_text().strip() if version_file.is_file() else "an unrecorded renderer"
+        if found == stamp:
+            log.info("%s demo data already at %s", kind, manifest)
             return manifest
-        log.warning("demo data at %s was rendered by version %d, this is version %d: rendering again",
-                    out, found, RENDER_VERSION)
-    (out / VERSION_FILE).unlink(missing_ok=True)
-    lists = write_demo_images(out)
+        log.warning("demo data at %s was rendered by %s, this is %s: rendering again", out, found, stamp)
+    version_file.unlink(missing_ok=True)
+    lists = demo_set.render(out)
     domains = {d: read_list(d, p, out / "images", 0) for d, p in lists.items()}
-    result = pack(domains, out / "shards", [str(i) for i in range(10)], shard_mb=1.0)
-    mark_render_version(out)
-    log.info("demo data: %s images packed to %s", result.counts, manifest)
+    result = pack(domains, out / "shards", [str(i) for i in range(demo_set.classes)], shard_mb=1.0)
+    version_file.write_text(stamp + "\n")
+    log.info("%s demo data: %s images packed to %s", kind, result.counts, manifest)
     return manifest
 
 
 def ensure_demo_data(cfg: Config, world_size: int) -> None:
-    """Lets one process of `dgucdir train configs/demo.yaml` render missing or outdated demo data.
+    """Lets one process of `dgucdir train` on a demo config render missing or outdated demo data.
 
     Several processes would race on the same files, so they only get the usual "no manifest" error.
     """
-    if Path(cfg.data.manifest) == DEMO_MANIFEST and world_size == 1:
-        build_demo_data(DEMO_MANIFEST.parent.parent)
+    kind = demo_set_of(cfg.data.manifest)
+    if kind and world_size == 1:
+        build_demo_data(Path(cfg.data.manifest).parent.parent, kind=kind)
 
 
 def stale_reasons(cfg: Config, out: Path) -> list[str]:
@@ -111,7 +137,7 @@ def run_demo(cfg: Config) -> DemoResult | None:
 
     Returns None when training was stopped before its end (a signal), and on ranks other than 0.
     """
-    build_demo_data(Path(cfg.data.manifest).parent.parent)
+    build_demo_data(Path(cfg.data.manifest).parent.parent, kind=demo_set_of(cfg.data.manifest) or "digits")
     out = Path(cfg.train.output_dir)
     set_aside_stale_run(cfg, out)
     trainer = Trainer(cfg, resume="latest")

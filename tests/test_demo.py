@@ -14,15 +14,15 @@ from helpers import REPO
 
 def test_demo_data_is_rebuilt_only_when_rendered_by_another_version(tmp_path):
     manifest = build_demo_data(tmp_path)
-    assert (tmp_path / "render_version").read_text().strip() == str(RENDER_VERSION)
+    assert (tmp_path / "render_version").read_text().strip() == f"digits {RENDER_VERSION}"
     first = manifest.stat().st_mtime_ns
     assert build_demo_data(tmp_path) == manifest and manifest.stat().st_mtime_ns == first  # reused
-    (tmp_path / "render_version").write_text("1\n")  # as an older renderer left it
+    (tmp_path / "render_version").write_text("1\n")  # as an older renderer left it (before sets had names)
     probe = next((tmp_path / "images" / "ink").rglob("*.jpg"))
     probe.write_bytes(b"stale")
     build_demo_data(tmp_path)
     assert probe.read_bytes()[:2] == b"\xff\xd8"  # rendered again: a JPEG once more
-    assert (tmp_path / "render_version").read_text().strip() == str(RENDER_VERSION)
+    assert (tmp_path / "render_version").read_text().strip() == f"digits {RENDER_VERSION}"
 
 
 @pytest.mark.parametrize("saved_overrides, same_data, reason", [

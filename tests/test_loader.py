@@ -144,3 +144,28 @@ def test_fourier_off_or_zero_strength_leaves_the_views_alone(demo_manifest):
     assert plain_loader._partner_pipelines(0) == []
     plain = next(plain_loader.epoch(0))
     assert torch.equal(mixed.q_rgb, plain.q_rgb) and torch.equal(mixed.k_rgb, plain.k_rgb)
+
+
+def test_each_view_has_its_own_partner_from_every_domain_and_shard_and_resume_redraws_the_same(demo_manifest):
+    """As the original: each of the 2B views draws its own raw partner from all training images of all
+    training domains (also other ranks' shards); a resumed epoch draws the very same partners."""
+    loader = _loader(demo_manifest, rank=1, world=2, batch=16)
+    batches = [b for _, b in zip(range(5), loader.epoch(1))]
+    n = len(batches[0])
+    pairs = [torch.stack([b.partner_domain, b.partner_index], 1) for b in batches]
+    for p in pairs:
+        assert p.shape == (2 * n, 2) and (p[:, 0] >= 0).all()
+        same_for_both_views = (p[:n] == p[n:]).all(1).sum().item()
+        assert same_for_both_views <= 1  # independent draws from ~900 images: a shared partner is rare
+    drawn = torch.cat(pairs)
+    for d, name in enumerate(["ink", "photo"]):
+        count = Manifest.load(demo_manifest).domain(name).count
+        mine = drawn[drawn[:, 0] == d, 1]
+        assert 0.3 < len(mine) / len(drawn) < 0.7  # domains of equal size: about half the partners each
+        assert mine.min() < count // 2 <= mine.max()  # both ranks' shards
+    resumed = list(_loader(demo_manifest, rank=1, world=2, batch=16).epoch(1, start_step=3, num_steps=5))
+    for b, r in zip(batches[3:], resumed):
+        assert torch.equal(b.partner_index, r.partner_index) and torch.equal(b.partner_domain, r.partner_domain)
+        assert torch.equal(b.q_rgb, r.q_rgb) and torch.equal(b.k_rgb, r.k_rgb)
+    other_seed = next(_loader(demo_manifest, rank=1, world=2, batch=16, seed=1).epoch(1))
+    assert not torch.equal(other_seed.partner_index, batches[0].partner_index)

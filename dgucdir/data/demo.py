@@ -19,18 +19,6 @@ DOMAINS = ("ink", "neon", "photo", "sketch")
 SIZE = 64
 # Bumped whenever the rendering changes: a demo folder rendered by another version is rebuilt.
 RENDER_VERSION = 2
-VERSION_FILE = "render_version"  # in the data folder: which renderer made it
-
-
-def read_render_version(folder: Path) -> int:
-    """The renderer version recorded in ``folder``; 1 (before versions were recorded) when none is."""
-    path = folder / VERSION_FILE
-    return int(path.read_text()) if path.is_file() else 1
-
-
-def mark_render_version(folder: Path) -> None:
-    """Records that ``folder``'s demo data comes from this renderer."""
-    (folder / VERSION_FILE).write_text(f"{RENDER_VERSION}\n")
 
 
 def _stroke_mask(digit: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -8,13 +8,13 @@ are read and dropped, which reproduces the uninterrupted run exactly (at the cos
 at most one epoch's data again).
 
 Fourier partners (``augment.partner``):
-- ``raw`` (default, as the original): every view gets its *own* partner, a raw training image
+- ``per_view_raw`` (default, as the original): every view gets its *own* partner, a raw training image
   (decoded, resized to the training size, no augmentation) drawn from the training images of all
   training domains. Each rank reads partners from the *whole* of every training domain (not its
   data shard) through one extra DALI pipeline per domain; the 2B partners of a step are split
   over the domains in proportion to their sizes and then shuffled, so a view's partner is any
   training image with (nearly) equal probability, as ``random.randint`` over all images is.
-- ``batch`` (the earlier behaviour, kept for the ablation): both views of a sample share one
+- ``shared_batch`` (the earlier behaviour, kept for the ablation): both views of a sample share one
   partner, another sample's MoCo-augmented view from the same rank's batch.
 """
 
@@ -52,6 +52,10 @@ class Batch:
     domain: torch.Tensor
     index: torch.Tensor
     label: torch.Tensor  # for diagnostics only; never used by a loss
+    # Which raw image each view was mixed with, (2B,): query views first, then key views; domain -1
+    # where there was no raw partner. For tests and diagnostics; never used by a loss.
+    partner_domain: torch.Tensor | None = None
+    partner_index: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.q_rgb.shape[0]
@@ -72,8 +76,9 @@ class MultiDomainLoader:
         self.spec = spec
         self.augment = FourierAugment.from_config(cfg.augment)
         self.fourier_mix = cfg.augment.fourier
-        self.raw_partners = cfg.augment.fourier and cfg.augment.partner == "raw"
+        self.raw_partners = cfg.augment.fourier and cfg.augment.partner == "per_view_raw"
         self.partner_counts = proportional_split(2 * rank_batch, [d.count for d in self.domains])
+        self.partner_domains = [d for d, n in enumerate(self.partner_counts) if n > 0]  # one pipeline each
         self.seed = cfg.train.seed
         self.device = device
         self.shuffle_buffer = cfg.data.shuffle_buffer
@@ -122,13 +127,21 @@ class MultiDomainLoader:
             label.append(dali_to_torch(out[2], self.device).view(-1).long())
             index.append(dali_to_torch(out[3], self.device).view(-1).long())
             domain.append(torch.full_like(index[-1], d))
-        raw = [dali_to_torch(p.run()[0], self.device) for p in partner_pipes]
+        raw, raw_index = [], []
+        for p in partner_pipes:
+            images, idx = p.run()
+            raw.append(dali_to_torch(images, self.device))
+            raw_index.append(dali_to_torch(idx, torch.device("cpu")).view(-1).long())
         self.data_wait_s += time.perf_counter() - t0
         x1, x2 = torch.cat(v1), torch.cat(v2)
         gen = torch.Generator().manual_seed(derive_seed(self.seed, epoch, self.spec.shard_id, step, "fourier"))
         q_rgb, k_rgb = x1.float(), x2.float()
+        partner_domain = partner_index = torch.full((2 * len(x1),), -1)
         if self.raw_partners:
-            partners = torch.cat(raw)[torch.randperm(2 * len(x1), generator=gen).to(self.device)]
+            order = torch.randperm(2 * len(x1), generator=gen)
+            partners = torch.cat(raw)[order.to(self.device)]
+            partner_domain = torch.cat([torch.full_like(i, d) for d, i in zip(self.partner_domains, raw_index)])[order]
+            partner_index = torch.cat(raw_index)[order]
             q_rgb = self.augment.mix(x1, partners[: len(x1)], *self.augment.sample_lambdas(len(x1), gen))
             k_rgb = self.augment.mix(x2, partners[len(x1):], *self.augment.sample_lambdas(len(x2), gen))
         elif self.fourier_mix:
@@ -137,7 +150,7 @@ class MultiDomainLoader:
             k_rgb = self.augment.mix_with_partner(x2, partner, *self.augment.sample_lambdas(len(x2), gen))
         q_phase, k_phase = self.augment.phase_image(x1), self.augment.phase_image(x2)
         return Batch(normalize(q_phase), normalize(k_phase), normalize(q_rgb), normalize(k_rgb),
-                     torch.cat(domain), torch.cat(index), torch.cat(label))
+                     torch.cat(domain), torch.cat(index), torch.cat(label), partner_domain, partner_index)
 
 
 def proportional_split(total: int, sizes: list[int]) -> list[int]:
