@@ -4,6 +4,10 @@ Every variant is the base config plus a few overrides, trained by `dgucdir train
 process and output folder (so a finished variant is reused and an interrupted one resumes), and
 scored by the retrieval report of its last epoch. The table is what a component has to earn its
 place with: a variant that does as well without a component is a finding, reported as measured.
+
+The runs are children of one MLflow parent run per ablation folder (a sweep, as `dgucdir submit`
+makes), which gets the table, the bar chart and each variant's mean and std as metrics, so the
+ablation is compared in the MLflow UI like any sweep and `dgucdir runs --sweep` shows it too.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import ConfigError, load_config
+from .runs import parent_run
+from .tracking import start_sweep_run, tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +71,37 @@ class Ablation:
         return (f"Ablation of {self.config}, seeds {self.seeds}: mean over the ordered pairs of unseen domains "
                 f"of the last epoch's retrieval (also: dgucdir runs --sweep {self.sweep})\n\n" + "\n".join(rows) + "\n")
 
+    def picture(self, path: Path) -> Path:
+        """One bar chart per metric: each variant's mean with its std as error bar and its seeds as dots."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, len(METRICS), figsize=(5 * len(METRICS), 4))
+        for ax, metric in zip(axes, METRICS):
+            for x, v in enumerate(self.variants):
+                mean, std = v.stat(metric)
+                ax.bar(x, mean, yerr=std, capsize=5, color="tab:blue" if v.name == "full" else "tab:gray")
+                seeds = [100 * m[metric] for m in v.per_seed.values()]
+                ax.plot([x] * len(seeds), seeds, "k.", markersize=6)
+            ax.set_xticks(range(len(self.variants)), [v.name for v in self.variants], rotation=20, fontsize=8)
+            ax.set(ylabel=f"mean {metric} over unseen pairs (%)", title=f"{metric}, mean ± std over seeds {self.seeds}")
+        fig.suptitle(f"ablation of {self.config}", fontsize=10)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path
+
+    def metrics(self) -> dict[str, float]:
+        """What the parent run logs: each variant's mean and std of each metric, in percent."""
+        out = {}
+        for v in self.variants:
+            for metric in METRICS:
+                key = f"ablation/{v.name}/{metric.replace('@', '_at_')}"
+                out[f"{key}/mean"], out[f"{key}/std"] = v.stat(metric)
+        return out
+
     def to_json(self) -> str:
         return json.dumps({"config": self.config, "seeds": self.seeds,
                            "variants": [{"name": v.name, "overrides": v.overrides,
@@ -85,13 +122,18 @@ def run_ablation(config: str, overrides: list[str], variants: list[str], seeds: 
     if unknown:
         raise ConfigError(f"--variants: unknown {unknown}; known: {', '.join(VARIANTS)}")
     sweep = f"ablate-{out.resolve().name}"  # `dgucdir runs --sweep` shows the same table from MLflow
+    base = load_config(config, overrides)
+    uri = tracking_uri(base)
+    jobs = [[*VARIANTS[name][1], f"train.seed={seed}"] for name in variants for seed in seeds]
+    parent = parent_run(uri, sweep) or start_sweep_run(base, uri, sweep, jobs)  # a rerun adds to the same one
     results = []
     for name in variants:
         result = VariantResult(name, VARIANTS[name][1])
         for seed in seeds:
             run_dir = out / f"{name}-seed{seed}"
             args = [*overrides, *result.overrides, f"train.seed={seed}", f"train.output_dir={run_dir}",
-                    f"tracking.group={name}", f"tracking.sweep={sweep}", f"tracking.run_name={name}-seed{seed}"]
+                    f"tracking.group={name}", f"tracking.sweep={sweep}", f"tracking.run_name={name}-seed{seed}",
+                    f"tracking.parent_run_id={parent}"]
             cfg = load_config(config, args)  # a bad override fails here, before any training
             log.info("ablation %s, seed %d -> %s", name, seed, run_dir)
             subprocess.run([sys.executable, "-m", "dgucdir", "train", config, *args, "--resume"], check=True)
@@ -99,6 +141,15 @@ def run_ablation(config: str, overrides: list[str], variants: list[str], seeds: 
         results.append(result)
     ablation = Ablation(config, seeds, results, sweep)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "ablation.md").write_text(ablation.markdown())
-    (out / "ablation.json").write_text(ablation.to_json() + "\n")
+    files = [out / "ablation.md", out / "ablation.json", out / "ablation.png"]
+    files[0].write_text(ablation.markdown())
+    files[1].write_text(ablation.to_json() + "\n")
+    ablation.picture(files[2])
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    for path in files:
+        client.log_artifact(parent, str(path))
+    for key, value in ablation.metrics().items():
+        client.log_metric(parent, key, value)
     return ablation
