@@ -137,7 +137,7 @@ class LaunchConfig:
     cpus_per_task: int = 10
     mem_gb: int | None = None  # per node; null: mem_gb_per_task x tasks per node; 0: the cluster's default
     mem_gb_per_task: int = 32
-    max_requeues: int = 100  # submitit requeues after a time-out at most this often (its default of 3 ends long runs)
+    max_requeues: int = 30  # submitit requeues after a time-out at most this often (its default of 3 ends long runs)
     sbatch: list[str] = field(default_factory=list)  # extra #SBATCH lines as KEY=VALUE, e.g. "exclusive="
     setup: list[str] = field(default_factory=list)  # shell commands before the tasks, e.g. "module load cuda"
     partition: str | None = None
@@ -147,6 +147,7 @@ class LaunchConfig:
     time_min: int = 24 * 60
     job_name: str = "dgucdir"
     folder: str | None = None  # submitit/SLURM logs; null: <train.output_dir>/slurm, next to the run
+    python: str | None = None  # the command that runs python on the nodes, e.g. a container; null: this python
 
 
 @dataclass

@@ -80,4 +80,5 @@ HELP: dict[str, str] = {
     "launch.time_min": "time limit in minutes (the job checkpoints and requeues before it)",
     "launch.job_name": "SLURM job name",
     "launch.folder": "submitit/SLURM logs; null: <train.output_dir>/slurm",
+    "launch.python": "command running python on the nodes (e.g. 'apptainer exec img.sif python'); null: this one",
 }

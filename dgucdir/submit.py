@@ -26,6 +26,7 @@ import hashlib
 import itertools
 import logging
 import os
+import shlex
 import signal
 import sys
 import time
@@ -136,7 +137,7 @@ def job_parameters(cfg: Config, args: argparse.Namespace) -> dict:
     return params
 
 
-def sbatch_script(params: dict, folder: Path) -> str:
+def sbatch_script(params: dict, folder: Path, python: str) -> str:
     """The sbatch script submitit would submit for ``params``, made without a SLURM installation."""
     from submitit.slurm.slurm import SlurmExecutor, _make_sbatch_string
 
@@ -144,7 +145,7 @@ def sbatch_script(params: dict, folder: Path) -> str:
     if "mem" in native:
         native["mem"] = f"{native['mem']}GB"
     native.update({k[len("slurm_"):]: v for k, v in params.items() if k.startswith("slurm_")})
-    return _make_sbatch_string(command=f"{sys.executable} -u -m submitit.core._submit {folder}", folder=folder, **native)
+    return _make_sbatch_string(command=f"{python} -u -m submitit.core._submit {folder}", folder=folder, **native)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -164,11 +165,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time", type=int, help="time limit in minutes")
     p.add_argument("--job-name")
     p.add_argument("--folder", help="submitit/SLURM log folder (default: launch.folder, else <train.output_dir>/slurm)")
-    p.add_argument("--sbatch", action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("--sbatch", "--slurm", action="append", default=[], metavar="KEY=VALUE",
                    help="an extra #SBATCH line for this cluster, e.g. --sbatch exclusive= --sbatch reservation=r1 "
                    "(repeat; launch.sbatch in the config)")
     p.add_argument("--setup", action="append", default=[], metavar="COMMAND",
                    help="a shell command run before the tasks start, e.g. 'module load cuda' (repeat; launch.setup)")
+    p.add_argument("--python", help="command that runs python on the nodes, for containers, e.g. "
+                   "'apptainer exec --nv img.sif python' (default: launch.python, else this python)")
+    p.add_argument("--max-requeues", type=int, help="how often a timed-out or preempted job is requeued "
+                   "(default: launch.max_requeues, 30)")
     p.add_argument("--cpu", action="store_true", help="request no GPUs (CPU tasks, gloo): tests, CPU clusters")
     p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1;V2",
                    help="one job per value (repeat for a cross product); submitted as a job array")
@@ -205,9 +210,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"dgucdir submit: error: {exc}", file=sys.stderr)
         return 2
     params = job_parameters(cfgs[0], args)
+    python = args.python or cfgs[0].launch.python or shlex.quote(sys.executable)
+    max_requeues = args.max_requeues if args.max_requeues is not None else cfgs[0].launch.max_requeues
     folder = Path(args.folder or cfgs[0].launch.folder or Path(base.train.output_dir) / "slurm").resolve() / "%j"
     if args.dry_run:
-        print(sbatch_script(params, folder))
+        print(sbatch_script(params, folder, python))
         for overrides in runs:
             print(f"# job: dgucdir train {args.config} {' '.join(overrides)}")
         return 0
@@ -215,7 +222,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parent = start_sweep_run(base, uri, sweep_id, [o[len(args.overrides):-4] for o in runs])
         runs = [[*o, f"tracking.parent_run_id={parent}"] for o in runs]
     # submitit's default of 3 time-outs would end the requeueing of a long run
-    executor = submitit.AutoExecutor(folder=folder, cluster=args.cluster, slurm_max_num_timeout=cfgs[0].launch.max_requeues)
+    executor = submitit.AutoExecutor(folder=folder, cluster=args.cluster, slurm_max_num_timeout=max_requeues,
+                                     slurm_python=python)
     executor.update_parameters(**params)
     jobs_args = [TrainJob(args.config, o) for o in runs]
     if len(jobs_args) > 1:

@@ -124,6 +124,9 @@ def test_dry_run_prints_a_multi_node_sbatch_script(tmp_path):
     assert not list(tmp_path.iterdir())  # nothing submitted, nothing written
     default = dry_run("--nodes", "1", "--gpus-per-node", "4")
     assert "#SBATCH --mem=128GB" in default  # launch.mem_gb_per_task (32) x 4 tasks
+    assert f"{sys.executable} -u -m submitit.core._submit" in default
+    container = dry_run("--python", "apptainer exec --nv img.sif python")
+    assert "srun --unbuffered --output" in container and "apptainer exec --nv img.sif python -u -m submitit.core._submit" in container
     assert f"#SBATCH --output={(REPO / 'runs/pacs/slurm').resolve()}/%j" in default  # logs next to the run
 
 
