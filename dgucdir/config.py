@@ -422,14 +422,29 @@ def from_dict(raw: dict, lines: dict[str, str] | None = None) -> Config:
     return cfg
 
 
+PACKAGED_CONFIGS = Path(__file__).parent / "configs"  # `configs/` of the repository is a link to it
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """``path`` itself when it is a file; else a config shipped with the package, named like
+    ``configs/demo.yaml``, ``demo.yaml`` or ``demo``, so the documented commands work from any folder."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    name = path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml"
+    packaged = PACKAGED_CONFIGS / name
+    if path.parent.name in ("", "configs") and packaged.is_file():
+        return packaged
+    shipped = ", ".join(sorted(f"configs/{c.name}" for c in PACKAGED_CONFIGS.glob("*.yaml")))
+    raise ConfigError(f"config file {path} does not exist (shipped with dgucdir: {shipped})")
+
+
 def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Config:
     """Loads a YAML config (or the defaults when ``path`` is None) and applies overrides."""
     raw: dict = {}
     lines: dict[str, str] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
+        path = resolve_config_path(path)
         text = path.read_text()
         try:
             node = yaml.compose(text)

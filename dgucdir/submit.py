@@ -35,7 +35,7 @@ from typing import Sequence
 
 import submitit
 
-from dgucdir.config import Config, ConfigError, load_config
+from dgucdir.config import Config, ConfigError, load_config, resolve_config_path
 from dgucdir.runtime import check_before_launch
 from dgucdir.tracking import start_sweep_run, tracking_uri
 
@@ -46,7 +46,7 @@ class TrainJob:
     """The picklable job submitit runs on every task."""
 
     def __init__(self, config: str, overrides: Sequence[str]) -> None:
-        self.config = str(Path(config).resolve())
+        self.config = str(resolve_config_path(config).resolve())  # the nodes may start elsewhere
         self.overrides = list(overrides)
 
     def __call__(self) -> dict:

@@ -25,7 +25,7 @@ if [ ! -f "$venv/.complete" ]; then
     rm -rf "$venv"
     mkdir -p "$cache"
     python3 -m venv "$venv"
-    if ! { "$venv/bin/pip" install --upgrade pip && "$venv/bin/pip" install -e "$root[test]"; } >"$log" 2>&1; then
+    if ! { "$venv/bin/pip" install --upgrade pip && "$venv/bin/pip" install -e "$root[test,cu13]"; } >"$log" 2>&1; then
         tail -n 40 "$log" >&2
         echo "setup: install failed; full log in $log" >&2
         exit 1

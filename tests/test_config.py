@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from dgucdir.config import Config, ConfigError, flatten, load_config, parse_override
+from helpers import REPO
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 
@@ -99,3 +100,26 @@ def test_schema_lists_every_key_with_type_default_and_help():
     assert all(text for _, _, text in rows.values()), [k for k, (_, _, t) in rows.items() if not t]
     assert rows["optim.lr"][:2] == ("a number", 0.0002)
     assert rows["train.mixed_precision"][0] == "one of 'no', 'bf16', 'fp16' or null"
+
+
+def test_shipped_configs_are_found_from_any_folder(tmp_path, monkeypatch):
+    """`configs/demo.yaml` in the docs works outside the repository: the package ships its configs."""
+    import subprocess
+    import sys
+
+    from dgucdir.config import resolve_config_path
+
+    monkeypatch.chdir(tmp_path)
+    assert not (tmp_path / "configs").exists()
+    for name in ("configs/demo.yaml", "demo.yaml", "demo"):
+        assert resolve_config_path(name).read_text() == (REPO / "configs/demo.yaml").read_text()
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs/demo.yaml").write_text("train:\n  epochs: 7\n")
+    assert load_config("configs/demo.yaml").train.epochs == 7  # a file of the user's wins
+    with pytest.raises(ConfigError, match=r"does not exist \(shipped with dgucdir: configs/demo.yaml, "):
+        load_config("configs/nope.yaml")
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("elsewhere/demo.yaml")  # only a bare name or configs/NAME falls back
+    res = subprocess.run([sys.executable, "-m", "dgucdir", "config", "configs/pacs.yaml"], cwd=tmp_path / "configs",
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "moco_init: required" in res.stdout, res.stderr

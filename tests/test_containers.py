@@ -19,7 +19,8 @@ def _pip_requirements(text: str) -> list[list[str]]:
 
 
 def test_dockerfile_and_apptainer_install_the_pyproject_dependencies():
-    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    deps = project["dependencies"] + project["optional-dependencies"]["cu13"]  # the images are for CUDA 13
     for recipe in ("docker/Dockerfile", "docker/dgucdir.def"):
         installs = _pip_requirements((REPO / recipe).read_text())
         dep_lists = [args for args in installs if any("==" in a or ">=" in a for a in args)]
