@@ -115,6 +115,11 @@ class Checkpointer:
         the folder, so a failed attempt leaves them as they were.
         """
         candidates = [Path(explicit)] if explicit is not None else list(reversed(list_checkpoints(self.root)))
+        for unfinished in sorted(self.root.glob(".tmp-*")) if self.root.is_dir() else []:
+            if dist.rank() == 0:  # never read: a rank or its node died while the ranks were writing it
+                log.warning("skipping the unfinished checkpoint %s (a rank stopped while writing it)", unfinished)
+                shutil.rmtree(unfinished, ignore_errors=True)
+        dist.barrier()
         for i, path in enumerate(candidates):
             loaded = self._read(path)
             if dist.all_ranks(loaded is not None):

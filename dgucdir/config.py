@@ -106,6 +106,9 @@ class TrainConfig:
     log_every: int = 10
     max_steps_per_epoch: int | None = None
     max_steps: int | None = None  # stop (with a checkpoint) after this many global steps; resume continues
+    # a collective that waits longer fails (a rank died or hangs): the survivors exit with an error
+    # naming the lost rank instead of hanging until the job's time limit
+    collective_timeout_s: float = 600.0
 
 
 @dataclass

@@ -51,6 +51,7 @@ HELP: dict[str, str] = {
     "train.log_every": "log metrics (and agree on stop signals across ranks) every N steps",
     "train.max_steps_per_epoch": "cap the steps of each epoch (tests, quick runs)",
     "train.max_steps": "stop with a checkpoint after this many global steps; resume continues",
+    "train.collective_timeout_s": "seconds a collective may wait for the other ranks before the job fails",
     "eval.topk": "K of the P@K metrics (capped by the number of relevant items)",
     "eval.map_k": "K of mAP@K",
     "eval.batch_size": "images per eval batch",

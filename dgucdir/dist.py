@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import re
+import socket
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 
@@ -112,3 +116,42 @@ def comm_device() -> torch.device:
     if is_distributed() and dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+@dataclass(frozen=True)
+class Peer:
+    rank: int
+    host: str
+    address: str  # what the hostname resolves to: the address other ranks see in their errors
+
+
+def peers() -> list[Peer]:
+    """Every rank's host and address, gathered once at start-up, so that a failed collective can
+    name the rank it lost (gloo and NCCL errors name a peer's address, not its rank)."""
+    host = socket.gethostname()
+    try:
+        address = socket.gethostbyname(host)
+    except OSError:
+        address = host
+    if not is_distributed():
+        return [Peer(0, host, address)]
+    gathered: list = [None] * world_size()
+    dist.all_gather_object(gathered, (host, address))
+    return [Peer(r, h, a) for r, (h, a) in enumerate(gathered)]
+
+
+def describe_lost_ranks(error: BaseException, everyone: list[Peer], timeout_s: float) -> str | None:
+    """For a failed collective: which ranks were lost, from the peer addresses in the error text
+    (e.g. gloo's "Connection closed by peer [10.77.0.2]:40123"); None when it was no collective."""
+    text = f"{type(error).__name__}: {error}"
+    if not isinstance(error, (dist.DistError, RuntimeError)) or not is_distributed():
+        return None
+    addresses = set(re.findall(r"\[([0-9A-Fa-f.:]+)\]:\d+", text))
+    lost = [p for p in everyone if p.address in addresses and p.rank != rank()]
+    if lost:
+        who = ", ".join(f"rank {p.rank} on {p.host} ({p.address})" for p in lost)
+        return f"lost {who}: a collective failed ({text.splitlines()[0][:200]})"
+    if "timed out" in text.lower() or "timeout" in text.lower():
+        return (f"no answer from the other ranks within train.collective_timeout_s={timeout_s:g} s: a rank "
+                f"is lost or hung ({text.splitlines()[0][:200]})")
+    return None

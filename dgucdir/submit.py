@@ -28,6 +28,7 @@ import logging
 import os
 import shlex
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -69,7 +70,8 @@ class TrainJob:
         if usr2["received"] and not finished and callable(requeue_handler):
             requeue_handler(signal.SIGUSR2, None)  # rank 0 requeues through checkpoint(); others return
         return {"finished": finished, "epoch": trainer.progress.epoch, "global_step": trainer.progress.global_step,
-                "rank": env.rank, "world_size": env.world_size, "mlflow_run_id": trainer.tracker.run_id}
+                "rank": env.rank, "world_size": env.world_size, "mlflow_run_id": trainer.tracker.run_id,
+                "hostname": socket.gethostname(), "master": f"{env.master_addr} ({socket.gethostbyname(env.master_addr)})"}
 
     def checkpoint(self) -> submitit.helpers.DelayedSubmission:
         """Called by submitit before requeueing: the same job, which resumes from its latest checkpoint."""

@@ -21,10 +21,12 @@ import shutil
 import signal
 import sys
 from dataclasses import asdict, dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
 from tqdm import tqdm
 
 from . import dist
@@ -121,9 +123,12 @@ class Trainer:
         deletes them first: checkpoint rotation would otherwise delete the new run's own first.
         """
         self.cfg = cfg
-        self.accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not torch.cuda.is_available())
+        timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.collective_timeout_s))
+        self.accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not torch.cuda.is_available(),
+                                       kwargs_handlers=[timeout])
         self.rank, self.world = dist.rank(), dist.world_size()
         setup_logging(self.rank)
+        self.peers = dist.peers()  # to name a lost rank when a collective fails
         # what this run really uses (config, else the launcher's choice): evaluation and clustering
         # embed under the same precision, and it is logged with the run
         self.precision = str(self.accelerator.mixed_precision)
@@ -360,7 +365,12 @@ class Trainer:
             # group down under it (seen as SIGABRT of rank 1 and a SIGTERM from torchrun to rank 0)
             dist.barrier()
             return finished
-        except BaseException:
-            log.exception("training failed on rank %d", self.rank)
+        except BaseException as exc:
+            lost = dist.describe_lost_ranks(exc, self.peers, self.cfg.train.collective_timeout_s)
+            if lost:  # the usual multi-node failure: one line that says which rank, not a gloo traceback
+                log.error("rank %d (%s): %s; the job fails, and resumes from the last complete checkpoint "
+                          "when started again", self.rank, self.peers[self.rank].host, lost)
+            else:
+                log.exception("training failed on rank %d", self.rank)
             self.tracker.end("FAILED")
             raise

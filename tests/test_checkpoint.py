@@ -69,3 +69,21 @@ def test_world_size_mismatch_is_a_clear_error(tmp_path):
 
 def test_no_checkpoint_gives_none(tmp_path):
     assert Checkpointer(tmp_path / "nothing", {"model": Box()}, {}, keep=1).load() is None
+
+
+def test_a_checkpoint_left_unfinished_by_a_dead_rank_is_skipped_with_a_warning(tmp_path, caplog):
+    """A node that dies while the ranks write ckpt-50 leaves .tmp-ckpt-000000050 with only some files:
+    resuming takes the last complete one, says so, and clears the leftover."""
+    box = Box()
+    ckpt = Checkpointer(tmp_path, {"shared": box}, {}, keep=3)
+    box.value = 40
+    ckpt.save(40, meta(40))
+    half = tmp_path / ".tmp-ckpt-000000050"
+    half.mkdir()
+    torch.save({"value": 50}, half / "rank0.pt")  # rank 0's part, no state.pt: the rest never came
+    box.value = None
+    with caplog.at_level(logging.WARNING):
+        path, _ = ckpt.load()
+    assert path.name == "ckpt-000000040" and box.value == 40
+    assert "skipping the unfinished checkpoint" in caplog.text and ".tmp-ckpt-000000050" in caplog.text
+    assert not half.exists()
