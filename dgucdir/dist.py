@@ -63,6 +63,20 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+@torch.no_grad()
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Gives every rank rank 0's buffers (BatchNorm running statistics).
+
+    DDP broadcasts buffers only at the start of each forward, so after a step every rank holds the
+    statistics of its own last batch. Eval-mode embedding (clustering, retrieval) must use one model
+    on all ranks, and the one a checkpoint saves (rank 0's): otherwise a run resumed at an epoch
+    boundary clusters with other features than the uninterrupted run did.
+    """
+    if is_distributed():
+        for buf in module.buffers():
+            dist.broadcast(buf, src=0)
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()

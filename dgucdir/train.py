@@ -226,6 +226,7 @@ class Trainer:
     def compute_clusters(self) -> ClusterState:
         """k-means on the pooled features of the training images' colour phase images; each rank embeds its shard."""
         encoder = self.core.encoder_q
+        dist.broadcast_buffers(encoder)  # every rank embeds with the model a checkpoint holds
         was_training = encoder.training
         encoder.eval()
         augment = self.loader.augment
@@ -250,6 +251,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
     def run_eval(self, tag: str) -> EvalReport:
+        dist.broadcast_buffers(self.core.encoder_q)  # the evaluated model is the checkpointed one on every rank
         report, files = evaluate(self.core.encoder_q, self.manifest, self.cfg.data.eval_domains, self.spec,
                                  self.cfg.eval, self.device, self.out_dir / "eval" / tag,
                                  precision=self.precision)
