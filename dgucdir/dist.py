@@ -158,7 +158,7 @@ def describe_lost_ranks(error: BaseException, everyone: list[Peer], timeout_s: f
     """For a failed collective: which ranks were lost, from the peer addresses in the error text
     (e.g. gloo's "Connection closed by peer [10.77.0.2]:40123"); None when it was no collective."""
     text = f"{type(error).__name__}: {error}"
-    if not isinstance(error, (dist.DistError, RuntimeError)) or not is_distributed():
+    if not isinstance(error, RuntimeError) or not is_distributed():  # torch's DistError is one too
         return None
     addresses = set(re.findall(r"\[([0-9A-Fa-f.:]+)\]:\d+", text))
     lost = [p for p in everyone if p.address in addresses and p.rank != rank()]
