@@ -1,8 +1,11 @@
 # The two commands of the README. Both create (or reuse) the virtual environment first
 # (scripts/setup_env.sh prints its python; a failed install stops here with the pip log).
-.PHONY: demo test
+.PHONY: demo test test-gpu
 demo:  ## install, build + pack the demo data, train on two domains, evaluate on the two unseen ones
 	@PY=$$(bash scripts/setup_env.sh) && $$PY -m dgucdir demo
 
 test:  ## install and run the test suite (brings up a private one-node SLURM for the launcher tests)
 	@PY=$$(bash scripts/setup_env.sh) && OMP_NUM_THREADS=2 $$PY -m pytest -q
+
+test-gpu:  ## on a machine with a CUDA GPU: the gpu-marked tests, then the GPU benchmarks as JSON under runs/gpu-check
+	@PY=$$(bash scripts/setup_env.sh) && PYTHON=$$PY bash scripts/gpu_check.sh

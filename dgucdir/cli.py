@@ -201,6 +201,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if dist.rank() == 0:
             print(json.dumps({"bench": "train", **result}, indent=1))
         return 0
+    if args.what == "photos":
+        from .bench import write_bench_photos
+
+        print(json.dumps({"bench": "photos", "manifest": str(write_bench_photos(Path(args.out), args.count))}))
+        return 0
     print(json.dumps(run_bench(args.what, args.manifest, args.image_size, args.batch_size, args.steps, args.sizes,
                                args.naive_max), indent=1))
     return 0
@@ -338,8 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="throughput and memory figures as JSON",
                        description="aug, loader, eval: the project's path next to a naive one written as the original "
                        "works. train: samples/s, data-wait fraction and MFU of real training steps in the world it "
-                       "is launched in, e.g. `torchrun --nproc_per_node 2 -m dgucdir bench train`.")
-    p.add_argument("what", choices=["aug", "loader", "eval", "train"])
+                       "is launched in, e.g. `torchrun --nproc_per_node 2 -m dgucdir bench train`. photos: writes "
+                       "and packs photo-sized JPEGs (four domains) for the loader and train benchmarks at 224 px.")
+    p.add_argument("what", choices=["aug", "loader", "eval", "train", "photos"])
     p.add_argument("--config", default="configs/demo.yaml", help="train: the config to train (default: the demo)")
     p.add_argument("overrides", nargs="*", default=[], help="train: dotted config overrides")
     p.add_argument("--warmup", type=int, default=3, help="train: untimed steps first")
@@ -349,6 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--sizes", type=int, nargs="+", default=[4000], help="eval: numbers of queries (= gallery size)")
     p.add_argument("--naive-max", type=int, default=4000, help="eval: run the naive implementation up to this size")
+    p.add_argument("--out", default="data/bench_photos", help="photos: the folder to write (default: data/bench_photos)")
+    p.add_argument("--count", type=int, default=1000, help="photos: images per domain (default: 1000)")
     p.set_defaults(func=cmd_bench)
 
     sub.add_parser("submit", help="submit training to SLURM via submitit (see `dgucdir submit --help`)", add_help=False)

@@ -68,12 +68,15 @@ class ShardedQueue:
             self.ids[d, p : p + n] = ids[sel]
             self.ptr[d] = (p + n) % self.shard_size
 
+    @torch.autocast("cuda", enabled=False)
+    @torch.autocast("cpu", enabled=False)
     def infonce(self, q: torch.Tensor, k_pos: torch.Tensor, domain: torch.Tensor, ids: torch.Tensor,
                 temperature: float) -> ContrastiveResult:
         """Mean InfoNCE of this rank's queries over [positive, all K negatives of their domain].
 
         Negatives with the query's own sample id are masked out. ``domain`` selects the queue
-        (all zeros for a shared queue).
+        (all zeros for a shared queue). Always fp32, also under bf16 autocast: logits divided by a
+        temperature of 0.2 and a log-sum-exp over thousands of negatives need the mantissa.
         """
         q = q.float()
         l_pos = (q * k_pos.float().detach()).sum(1) / temperature
