@@ -11,9 +11,12 @@ import logging
 import os
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import Config, flatten
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +193,30 @@ class Tracker:
         if self.active:
             for p in paths:
                 self._mlflow.log_artifact(str(p), artifact_path=subdir)
+
+    def log_model(self, encoder: torch.nn.Module) -> str | None:
+        """The trained encoder as an MLflow model (pytorch flavour, with a pyfunc face); returns its URI.
+
+        ``mlflow.pytorch.load_model(uri)`` gives back the :class:`~dgucdir.model.encoder.Encoder`
+        (``.pooled(x)``: the 2048-d retrieval features) on any machine: the package's code travels
+        with the model, and the weights are saved from a CPU copy so they load without a GPU. The
+        URI is also the run's tag ``dgucdir.model_uri``.
+        """
+        if not self.active:
+            return None
+        import copy
+
+        import mlflow.pytorch
+        import torch
+
+        import dgucdir
+
+        info = mlflow.pytorch.log_model(
+            copy.deepcopy(encoder).cpu().eval(), name="encoder", serialization_format="pickle",
+            code_paths=[str(Path(dgucdir.__file__).parent)],
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "safetensors", "pyyaml"])
+        self._mlflow.set_tag("dgucdir.model_uri", info.model_uri)
+        return info.model_uri
 
     def log_images(self, paths: list[Path], step: int) -> None:
         """PNG pictures as MLflow images keyed by file stem, so the UI shows them per step."""

@@ -359,6 +359,7 @@ class Trainer:
             if finished and self.rank == 0:  # the trained encoder, ready for `dgucdir eval`/search elsewhere
                 self.tracker.log_artifacts([save_encoder(self.core.encoder_q, self.cfg,
                                                          self.out_dir / "encoder.safetensors")], "model")
+                self.tracker.log_model(self.core.encoder_q)
             if not finished:
                 log.info("stopped at epoch %d step %d; resume with --resume", self.progress.epoch,
                          self.progress.step_in_epoch)

@@ -130,3 +130,21 @@ def test_eval_log_to_run_lands_in_the_training_run(tmp_path, checkpoint):
     history = client.get_metric_history(run_id, "posthoc/mean/P_at_1")
     report = json.loads((tmp_path / "posthoc/retrieval.json").read_text())
     assert [(m.step, round(m.value, 9)) for m in history] == [(step, round(report["mean"]["P@1"], 9))]
+
+
+def test_the_final_encoder_is_an_mlflow_model_with_the_checkpoints_features(checkpoint):
+    """`mlflow.pytorch.load_model` on the run's model URI gives the trained encoder back, bit for bit."""
+    import mlflow.pytorch
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    from dgucdir.model.loading import encoder_from_checkpoint
+
+    meta = torch.load(checkpoint / "state.pt", weights_only=False)["meta"]
+    mlflow.set_tracking_uri(meta["config"]["tracking"]["uri"])
+    uri = MlflowClient().get_run(meta["mlflow_run_id"]).data.tags["dgucdir.model_uri"]
+    loaded = mlflow.pytorch.load_model(uri).eval()
+    want, _ = encoder_from_checkpoint(checkpoint)
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded.pooled(x), want.eval().pooled(x))
