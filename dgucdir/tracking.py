@@ -47,6 +47,13 @@ def _git(*args: str) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
+def dali_version() -> str:
+    """The installed DALI's version, whichever CUDA build it is (the cu12 and cu13 extras differ in name)."""
+    from nvidia.dali import __version__
+
+    return __version__
+
+
 def run_tags(cfg: Config, world_size: int, precision: str, manifest_sha256: str) -> dict[str, str]:
     """What a run is, for searching and grouping: domains, seed, world, precision, data, code, SLURM ids."""
     from importlib.metadata import version
@@ -61,7 +68,7 @@ def run_tags(cfg: Config, world_size: int, precision: str, manifest_sha256: str)
         "dgucdir.manifest_sha256": manifest_sha256,
         "dgucdir.version": version("dgucdir"),
         "dgucdir.torch": version("torch"),
-        "dgucdir.dali": version("nvidia-dali-cuda130"),
+        "dgucdir.dali": dali_version(),
     }
     if commit:  # MLflow's own git tag looks at sys.argv[0], the venv's script: not the code that ran
         tags["mlflow.source.git.commit"] = commit
