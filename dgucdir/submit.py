@@ -86,13 +86,22 @@ def parse_sweep(spec: str) -> tuple[str, list[str]]:
     return key, [v for v in values.split(";") if v]
 
 
-def domain_pair_overrides(cfg: Config) -> list[list[str]]:
-    """One override set per pair of training domains, evaluated on all the remaining domains."""
+def split_overrides(cfg: Config, splits: Sequence[str] = ()) -> list[list[str]]:
+    """One override set per split of training domains, evaluated on all the remaining domains.
+
+    ``splits`` are comma-separated training domains ("photo,cartoon", from ``--split``); none means
+    every pair of the config's domains (train + eval), e.g. the six PACS splits.
+    """
     domains = list(cfg.data.train_domains) + list(cfg.data.eval_domains)
+    chosen = [tuple(s.split(",")) for s in splits] or list(itertools.combinations(domains, 2))
     out = []
-    for pair in itertools.combinations(domains, 2):
-        rest = [d for d in domains if d not in pair]
-        out.append([f"data.train_domains=[{','.join(pair)}]", f"data.eval_domains=[{','.join(rest)}]"])
+    for split in chosen:
+        unknown = [d for d in split if d not in domains]
+        if unknown or len(set(split)) != len(split) or len(split) >= len(domains):
+            raise ConfigError(f"--split {','.join(split)}: expected distinct training domains out of "
+                              f"{', '.join(domains)} (the config's train + eval domains), leaving some unseen")
+        rest = [d for d in domains if d not in split]
+        out.append([f"data.train_domains=[{','.join(split)}]", f"data.eval_domains=[{','.join(rest)}]"])
     return out
 
 
@@ -182,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--domain-pairs", action="store_true",
                    help="one job per pair of training domains (of the config's train + eval domains), "
                    "evaluated on the others: e.g. all 6 PACS splits")
+    p.add_argument("--split", action="append", default=[], metavar="A,B",
+                   help="one job per split named (repeat): these training domains, evaluated on the config's "
+                   "other domains, e.g. --split photo,art_painting --split cartoon,sketch")
     p.add_argument("--array-parallelism", type=int, help="at most this many sweep jobs at once")
     p.add_argument("--cluster", default=None, choices=["slurm", "local", "debug"],
                    help="submitit cluster (default: slurm when available)")
@@ -195,7 +207,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         base = load_config(args.config, args.overrides)
-        pairs = domain_pair_overrides(base) if args.domain_pairs else None
+        if args.domain_pairs and args.split:
+            raise ConfigError("--domain-pairs (every pair) and --split (the splits named) exclude each other")
+        pairs = split_overrides(base, args.split) if args.domain_pairs or args.split else None
         runs = sweep_overrides(args.overrides, args.sweep, pairs)
         uri = tracking_uri(base)  # one store for the whole sweep, resolved here, wherever the jobs start
         sweep_id = f"{base.tracking.experiment}-{time.strftime('%Y%m%d-%H%M%S')}" if len(runs) > 1 else None

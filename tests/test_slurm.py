@@ -141,31 +141,66 @@ def test_sweep_names_are_unique_and_values_keep_their_spaces():
 
 
 def test_domain_pair_sweep_gives_one_job_per_split():
-    res = subprocess.run([sys.executable, "-m", "dgucdir", "submit", str(REPO / "configs/pacs.yaml"), "--dry-run",
-                          "--domain-pairs", "model.moco_init=none"], cwd=REPO, capture_output=True, text=True, timeout=120)
-    jobs = [l for l in res.stdout.splitlines() if l.startswith("# job:")]
-    assert len(jobs) == 6  # C(4, 2) training pairs of PACS
-    assert len({re.search(r"train.output_dir=(\S+)", j).group(1) for j in jobs}) == 6
+    def jobs(*args: str) -> list[str]:
+        res = subprocess.run([sys.executable, "-m", "dgucdir", "submit", str(REPO / "configs/pacs.yaml"), "--dry-run",
+                              *args, "model.moco_init=none"], cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, res.stderr
+        return [line for line in res.stdout.splitlines() if line.startswith("# job:")]
+
+    every = jobs("--domain-pairs")
+    assert len(every) == 6  # C(4, 2) training pairs of PACS
+    assert len({re.search(r"train.output_dir=(\S+)", j).group(1) for j in every}) == 6
+    named = jobs("--split", "photo,sketch", "--split", "cartoon,art_painting")
+    assert len(named) == 2
+    assert "data.train_domains=[photo,sketch] data.eval_domains=[art_painting,cartoon]" in named[0]
+    assert "data.train_domains=[cartoon,art_painting] data.eval_domains=[photo,sketch]" in named[1]
+    bad = subprocess.run([sys.executable, "-m", "dgucdir", "submit", str(REPO / "configs/pacs.yaml"), "--dry-run",
+                          "--split", "photo,clipart", "model.moco_init=none"], cwd=REPO, capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode == 2 and "--split photo,clipart: expected distinct training domains" in bad.stderr
 
 
 def test_a_sweep_shares_one_store_under_a_parent_run_and_tabulates(slurm_env, tmp_path, demo_manifest):
+    """2 splits x 2 seeds through SLURM: one store, a parent run with 4 tagged children, the paper table."""
     import json
+    import statistics
 
     from mlflow.tracking import MlflowClient
 
-    cfg = tiny_config(tmp_path, demo_manifest, "sweep", epochs=1, max_steps_per_epoch=3)
-    res = submit(slurm_env, cfg, tmp_path / "logs", "--sweep", "train.seed=0;1")
-    assert res.stdout.count("'finished': True") == 4  # 2 jobs x 2 ranks
+    cfg = tiny_config(tmp_path, demo_manifest, "sweep", epochs=1, max_steps_per_epoch=3, eval_every=1)
+    res = submit(slurm_env, cfg, tmp_path / "logs", "--split", "ink,neon", "--split", "photo,sketch",
+                 "--sweep", "train.seed=0;1")
+    assert res.stdout.count("'finished': True") == 8  # 4 jobs x 2 ranks
     sweep = re.search(r"dgucdir runs --sweep (\S+)", res.stdout).group(1)
     uri = f"sqlite:///{tmp_path / 'sweep' / 'mlruns.db'}"
     client = MlflowClient(uri)
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     parent = [r for r in runs if r.data.tags.get("dgucdir.sweep_parent") == "true"]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id]
-    assert len(parent) == 1 and len(children) == 2 and len(runs) == 3
-    assert {r.data.tags["dgucdir.seed"] for r in children} == {"0", "1"}
-    assert all(r.data.tags["dgucdir.sweep"] == sweep and r.data.tags["dgucdir.world_size"] == "2" for r in children)
-    table = subprocess.run([sys.executable, "-m", "dgucdir", "runs", "--uri", uri, "--sweep", sweep, "--json"],
-                           cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert len(parent) == 1 and len(children) == 4 and len(runs) == 5
+    tags = [r.data.tags for r in children]
+    assert sorted((t["dgucdir.train_domains"], t["dgucdir.eval_domains"], t["dgucdir.seed"]) for t in tags) == [
+        ("ink,neon", "photo,sketch", "0"), ("ink,neon", "photo,sketch", "1"),
+        ("photo,sketch", "ink,neon", "0"), ("photo,sketch", "ink,neon", "1")]
+    for t in tags:
+        assert t["dgucdir.sweep"] == sweep and t["dgucdir.world_size"] == "2" and t["dgucdir.precision"] == "no"
+        assert t["slurm.array_job_id"] and t["slurm.array_task_id"] in {"0", "1", "2", "3"} and t["slurm.job_id"]
+        assert len(t["mlflow.source.git.commit"]) == 40 and t["dgucdir.git_dirty"] in {"True", "False"}
+        assert len(t["dgucdir.manifest_sha256"]) == 64 and t["dgucdir.torch"] and t["dgucdir.dali"]
+    png = tmp_path / "sweep.png"
+    table = subprocess.run([sys.executable, "-m", "dgucdir", "runs", "--uri", uri, "--sweep", sweep, "--json",
+                            "--png", str(png)], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert table.returncode == 0, table.stderr
-    assert json.loads(table.stdout)["table"]["ink+neon"]["mean"]["n"] == 2
+    got = json.loads(table.stdout.split("\npicture:")[0])["table"]
+    assert set(got) == {"ink+neon", "photo+sketch"}
+    for split, unseen in (("ink+neon", ("photo", "sketch")), ("photo+sketch", ("ink", "neon"))):
+        pairs = {f"{unseen[0]}_to_{unseen[1]}", f"{unseen[1]}_to_{unseen[0]}"}
+        assert set(got[split]) == pairs | {"mean"}
+        finals = [100 * r.data.metrics["eval/mean/P_at_1"] for r in children
+                  if r.data.tags["dgucdir.train_domains"] == split.replace("+", ",")]
+        assert got[split]["mean"]["n"] == 2
+        assert got[split]["mean"]["mean"] == pytest.approx(statistics.fmean(finals))
+        assert got[split]["mean"]["std"] == pytest.approx(statistics.stdev(finals))
+    assert png.stat().st_size > 10_000
+    logged = {a.path for a in client.list_artifacts(parent[0].info.run_id)}
+    assert {"sweep.png", "results_P_at_1.md"} <= logged
