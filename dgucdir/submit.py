@@ -108,7 +108,7 @@ def split_overrides(cfg: Config, splits: Sequence[str] = ()) -> list[list[str]]:
 def slug(overrides: Sequence[str]) -> str:
     """A folder/run name for a job's own overrides: readable (last key part and value) and unique
     (a hash of the full overrides), so optim.lr=0.1 and optim.lr=1.1 never share a folder."""
-    readable = "_".join(f"{o.split('=', 1)[0].split('.')[-1]}-{o.split('=', 1)[1]}" for o in overrides)
+    readable = "_".join(f"{o.split('=', 1)[0].split('.')[-1]}-{o.split('=', 1)[1].strip('[]')}" for o in overrides)
     readable = "".join(c if c.isalnum() or c in "-_.," else "_" for c in readable)[:80]
     return f"{readable}-{hashlib.sha1(chr(0).join(overrides).encode()).hexdigest()[:6]}"
 
@@ -211,12 +211,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError("--domain-pairs (every pair) and --split (the splits named) exclude each other")
         pairs = split_overrides(base, args.split) if args.domain_pairs or args.split else None
         runs = sweep_overrides(args.overrides, args.sweep, pairs)
+        own = [o[len(args.overrides):] for o in runs]  # what sets each job apart
         uri = tracking_uri(base)  # one store for the whole sweep, resolved here, wherever the jobs start
         sweep_id = f"{base.tracking.experiment}-{time.strftime('%Y%m%d-%H%M%S')}" if len(runs) > 1 else None
         if sweep_id:  # each job its own output folder (checkpoints!) and MLflow run name
-            runs = [o + [f"train.output_dir={base.train.output_dir}/{slug(o[len(args.overrides):])}",
-                         f"tracking.run_name={slug(o[len(args.overrides):])}", f"tracking.sweep={sweep_id}"]
-                    for o in runs]
+            runs = [o + [f"train.output_dir={base.train.output_dir}/{slug(mine)}", f"tracking.run_name={slug(mine)}",
+                         f"tracking.sweep={sweep_id}"] for o, mine in zip(runs, own)]
         runs = [[*o, f"tracking.uri={uri}"] for o in runs]
         cfgs = [load_config(args.config, o) for o in runs]  # validate every job before submitting any
         world = (args.nodes or cfgs[0].launch.nodes) * (args.gpus_per_node or cfgs[0].launch.gpus_per_node)
@@ -235,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"# job: dgucdir train {args.config} {' '.join(overrides)}")
         return 0
     if sweep_id:
-        parent = start_sweep_run(base, uri, sweep_id, [o[len(args.overrides):-4] for o in runs])
+        parent = start_sweep_run(base, uri, sweep_id, own)
         runs = [[*o, f"tracking.parent_run_id={parent}"] for o in runs]
     # submitit's default of 3 time-outs would end the requeueing of a long run
     executor = submitit.AutoExecutor(folder=folder, cluster=args.cluster, slurm_max_num_timeout=max_requeues,
@@ -246,8 +246,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         jobs = executor.submit_array(jobs_args) if executor.cluster == "slurm" else [executor.submit(j) for j in jobs_args]
     else:
         jobs = [executor.submit(jobs_args[0])]
-    for job, overrides in zip(jobs, runs):
-        print(f"submitted job {job.job_id}: {' '.join(overrides) or '(no overrides)'}")
+    for job, mine in zip(jobs, own):
+        print(f"submitted job {job.job_id}: {' '.join(mine or args.overrides) or '(no overrides)'}")
     how = f"dgucdir runs --sweep {sweep_id}" if sweep_id else f"dgucdir runs --experiment {base.tracking.experiment}"
     print(f"compare them: {how}   (MLflow store {uri})")
     if args.wait:
