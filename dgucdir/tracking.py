@@ -218,10 +218,19 @@ class Tracker:
 
         import dgucdir
 
-        info = mlflow.pytorch.log_model(
-            copy.deepcopy(encoder).cpu().eval(), name="encoder", serialization_format="pickle",
-            code_paths=[str(Path(dgucdir.__file__).parent)],
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "safetensors", "pyyaml"])
+        # pickle, not MLflow's default pt2 (a traced graph of forward only): the loaded model keeps
+        # the Encoder's methods (.pooled), which retrieval needs. MLflow warns on every pickle save
+        # and recommends pt2; the choice is deliberate, so the warning is held back.
+        mlflow_pytorch_log = logging.getLogger("mlflow.pytorch")
+        level = mlflow_pytorch_log.level
+        mlflow_pytorch_log.setLevel(logging.ERROR)
+        try:
+            info = mlflow.pytorch.log_model(
+                copy.deepcopy(encoder).cpu().eval(), name="encoder", serialization_format="pickle",
+                code_paths=[str(Path(dgucdir.__file__).parent)],
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "safetensors", "pyyaml"])
+        finally:
+            mlflow_pytorch_log.setLevel(level)
         self._mlflow.set_tag("dgucdir.model_uri", info.model_uri)
         return info.model_uri
 
