@@ -161,3 +161,22 @@ def test_decompression_bombs_and_absurd_sizes_are_skipped(tmp_path):
     assert small_limit.data is None and small_limit.reason == "absurd size 48x40 (> 1000 pixels)"
     fine = check_image(Item("d", tmp_path / "ok.jpg", "ok.jpg", 0), max_pixels=40_000_000)
     assert fine.data == (tmp_path / "ok.jpg").read_bytes() and fine.ext == "jpg"
+
+
+def test_bench_photos_are_photo_sized_jpegs_in_four_colour_cast_domains(tmp_path):
+    """`dgucdir bench photos`: what the 224 px benchmarks read; the casts are what tell the domains apart."""
+    from dgucdir.bench import write_bench_photos
+
+    manifest = Manifest.load(write_bench_photos(tmp_path, per_domain=12))
+    assert sorted(manifest.domains) == ["bright", "cool", "dim", "warm"]
+    mean_rgb = {}
+    for name in manifest.domains:
+        domain = manifest.domain(name)
+        assert domain.count == 12
+        images = [Image.open(io.BytesIO(domain.read_image_bytes(r))) for r in domain.samples()]
+        assert all(img.format == "JPEG" and img.size == (400, 300) for img in images)
+        assert {r.label for r in domain.samples()} <= {0, 1}  # which of the two bundled photos
+        mean_rgb[name] = np.mean([np.asarray(img, np.float64).mean((0, 1)) for img in images], 0)
+    # the crops differ per domain; a cast of 1.15/0.8 vs 0.8/1.15 doubles red/blue whatever they show
+    assert mean_rgb["warm"][0] / mean_rgb["warm"][2] > 1.5 * mean_rgb["cool"][0] / mean_rgb["cool"][2]
+    assert mean_rgb["bright"].mean() > mean_rgb["dim"].mean()
