@@ -114,11 +114,11 @@ def slug(overrides: Sequence[str]) -> str:
 
 
 def sweep_overrides(base: Sequence[str], sweeps: Sequence[str],
-                    domain_pairs: list[list[str]] | None = None) -> list[list[str]]:
-    """The cross product of all sweeps (and domain pairs), each as a full override list."""
+                    splits: list[list[str]] | None = None) -> list[list[str]]:
+    """The cross product of all sweeps (and domain splits), each as a full override list."""
     axes = [[[f"{k}={v}"] for v in vals] for k, vals in map(parse_sweep, sweeps)]
-    if domain_pairs:
-        axes.append(domain_pairs)
+    if splits:
+        axes.append(splits)
     return [list(base) + [o for item in combo for o in item] for combo in itertools.product(*axes)]
 
 
@@ -209,8 +209,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         base = load_config(args.config, args.overrides)
         if args.domain_pairs and args.split:
             raise ConfigError("--domain-pairs (every pair) and --split (the splits named) exclude each other")
-        pairs = split_overrides(base, args.split) if args.domain_pairs or args.split else None
-        runs = sweep_overrides(args.overrides, args.sweep, pairs)
+        splits = split_overrides(base, args.split) if args.domain_pairs or args.split else None
+        runs = sweep_overrides(args.overrides, args.sweep, splits)
         own = [o[len(args.overrides):] for o in runs]  # what sets each job apart
         uri = tracking_uri(base)  # one store for the whole sweep, resolved here, wherever the jobs start
         sweep_id = f"{base.tracking.experiment}-{time.strftime('%Y%m%d-%H%M%S')}" if len(runs) > 1 else None
