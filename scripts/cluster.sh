@@ -5,8 +5,10 @@
 #   scripts/cluster.sh down             stop everything, delete the namespaces, links and files it made
 #   scripts/cluster.sh env              the environment for SLURM commands: eval "$(scripts/cluster.sh env)"
 #   scripts/cluster.sh exec HOST CMD…   run CMD on HOST (node0 or node1): its network, hostname, /etc/hosts
-#   scripts/cluster.sh node-down HOST   the host dies: its slurmd and every process on it killed (-9)
-#   scripts/cluster.sh node-up HOST     the host comes back: its slurmd again
+#   scripts/cluster.sh node-down HOST   the host dies: its slurmd and every process on it killed (-9),
+#                                       the node DOWN (SLURM requeues its jobs) and DRAINed
+#   scripts/cluster.sh node-up HOST     the host comes back: its slurmd again, then RESUMEd once SLURM
+#                                       has told it that the jobs it died with are over
 #
 # A host is a network namespace (its own interfaces and addresses) plus a UTS namespace (its own
 # hostname); the filesystem is shared, as on a cluster with a shared filesystem. The two hosts are
@@ -114,17 +116,37 @@ up() {
 
 node_down() {
     check_host "$1"
+    # the jobs it dies with: when it re-registers, slurmctld sends it REQUEST_TERMINATE_JOB for them
+    on node0 squeue -h -w "$1" -t RUNNING -o %i > "$D/spool/$1.died-with" 2>/dev/null || true
     stop_daemons "$D" "slurmd-$1"
     local pids
     pids=$(ip netns pids "$(ns "$1")" 2>/dev/null || true)
     [ -z "$pids" ] || kill -9 $pids 2>/dev/null || true
-    on node0 scontrol update NodeName="$1" State=DOWN Reason=lost 2>/dev/null || true
+    on node0 scontrol update NodeName="$1" State=DOWN Reason=lost 2>/dev/null || true  # requeues its jobs
+    on node0 scontrol update NodeName="$1" State=DRAIN Reason=lost 2>/dev/null || true  # out until resumed
     echo "cluster: $1 is down" >&2
 }
 
+# A host that died with a job on it gets that job's REQUEST_TERMINATE_JOB about a second after its
+# slurmd re-registers. If the job has been requeued and allocated again in that second, the message
+# kills the new step on the host (measured: the requeued task died 0.2 s after it started). So the
+# host comes back drained and is resumed only after that message, which slurmd answers by revoking
+# the job's credential and saving its credential state (the file's mtime is the sign).
 node_up() {
     check_host "$1"
+    local creds="$D/spool/$1/cred_state" before
+    before=$(stat -c %.9Y "$creds" 2>/dev/null || echo 0)
     start_slurmd "$1"
+    if [ -s "$D/spool/$1.died-with" ]; then
+        local told=0
+        for _ in $(seq 1 120); do
+            if [ "$(stat -c %.9Y "$creds" 2>/dev/null || echo 0)" != "$before" ]; then told=1; break; fi
+            sleep 0.25
+        done
+        [ "$told" = 1 ] || { echo "cluster: $1 was not told within 30 s that job(s) $(tr '\n' ' ' < "$D/spool/$1.died-with")are over; see $D/log" >&2; return 1; }
+    fi
+    rm -f "$D/spool/$1.died-with"
+    on node0 scontrol update NodeName="$1" State=RESUME
     wait_idle "$1"
     echo "cluster: $1 is back" >&2
 }

@@ -67,14 +67,15 @@ def job_state(job_id: str) -> str:
     return on("node0", "scontrol", "-o", "show", "job", job_id).stdout
 
 
-def wait_for(predicate, what: str, timeout: float = 240, every: float = 0.3):
+def wait_for(predicate, what: str, timeout: float = 240, every: float = 0.3, explain=lambda: ""):
+    """``predicate()`` once it is truthy; on timeout the test fails with ``explain()`` (logs to read)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         value = predicate()
         if value:
             return value
         time.sleep(every)
-    pytest.fail(f"timed out waiting for {what}")
+    pytest.fail(f"timed out waiting for {what}\n{explain()}")
 
 
 def test_one_rank_on_each_host_trains_exactly_as_two_processes_on_one(hosts, tmp_path, demo_manifest, reference):
@@ -146,22 +147,42 @@ def test_a_killed_rank_fails_the_job_fast_and_a_resubmission_resumes_exactly(hos
     assert history(tmp_path / "crash")[1] == reference
 
 
+def tails(*paths: Path, chars: int = 3000) -> str:
+    """The ends of the logs a failure should show (job logs, the cluster's daemon logs)."""
+    return "\n".join(f"--- {p}:\n{p.read_text(errors='replace')[-chars:]}" for p in paths if p.exists())
+
+
 def test_a_lost_node_requeues_the_job_which_waits_for_it_and_resumes_exactly(hosts, tmp_path, demo_manifest, reference):
     """node1 dies (its slurmd and every process on it killed, the node set DOWN) mid-run: SLURM
-    requeues the job, which waits for a second node, and resumes exactly once node1 is back."""
+    requeues the job, which waits for a second node, and resumes exactly once node1 is back.
+
+    node1 comes back drained and is resumed only after SLURM has told it that the job's first run
+    is over (scripts/cluster.sh node-up): that message, sent when its slurmd re-registers, would
+    otherwise kill the restarted task on node1 if the job started again within the same second."""
     cfg = tiny_config(tmp_path, demo_manifest, "lost", epochs=6, collective_timeout_s=20)
     job_id = re.search(r"submitted job (\d+)", submit(cfg, tmp_path / "logs").stdout).group(1)
     wait_for(lambda: latest_step(tmp_path / "lost") >= 10, "a checkpoint after two epochs")
     cluster("node-down", "node1")
     stopped_at = latest_step(tmp_path / "lost")
     wait_for(lambda: "JobState=PENDING" in job_state(job_id), "the job to be requeued", timeout=90)
-    time.sleep(3)
-    assert "JobState=PENDING" in job_state(job_id)  # one node is not enough: it waits
-    cluster("node-up", "node1")
     on("node0", "scontrol", "update", f"JobId={job_id}", "StartTime=now")  # skip SLURM's requeue hold-back
-    wait_for(lambda: "JobState=COMPLETED" in job_state(job_id), "the requeued job to complete", timeout=300, every=1)
+    time.sleep(3)
+    state = job_state(job_id)  # eligible, but one node is not enough: it waits for nodes
+    assert "JobState=PENDING" in state and "Reason=BeginTime" not in state, state
+    cluster("node-up", "node1")
+    logs = [tmp_path / "logs" / job_id / f"{job_id}_{rank}_log.{kind}" for rank in (0, 1) for kind in ("err", "out")]
+    def ended() -> str:
+        state = job_state(job_id)
+        if re.search(r"JobState=(FAILED|CANCELLED|TIMEOUT|NODE_FAIL)", state):
+            pytest.fail(f"the requeued job did not complete: {state}\n{explain()}")
+        return "JobState=COMPLETED" in state
+
+    def explain() -> str:
+        return tails(*logs, *sorted(Path(CLUSTER_DIR, "log").glob("*.log")))
+
+    wait_for(ended, "the requeued job to complete", timeout=300, every=1, explain=explain)
     assert int(re.search(r"Restarts=(\d+)", job_state(job_id)).group(1)) >= 1
-    log = (tmp_path / "logs" / job_id / f"{job_id}_0_log.err").read_text()
+    log = logs[0].read_text()
     resumed = re.findall(r"resumed from .*ckpt-0+(\d+): epoch", log)
     assert resumed and int(resumed[-1]) >= stopped_at
     assert history(tmp_path / "lost")[1] == reference
