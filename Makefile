@@ -4,8 +4,8 @@
 demo:  ## install, build + pack the demo data, train on two domains, evaluate on the two unseen ones
 	@PY=$$(bash scripts/setup_env.sh) && $$PY -m dgucdir demo
 
-test:  ## install and run the test suite (brings up a private one-node SLURM for the launcher tests)
-	@PY=$$(bash scripts/setup_env.sh) && OMP_NUM_THREADS=2 $$PY -m pytest -q
+test:  ## install and run the test suite on 2 workers (brings up private SLURM clusters for the launcher tests)
+	@PY=$$(bash scripts/setup_env.sh) && OMP_NUM_THREADS=1 $$PY -m pytest -q -n $${TEST_WORKERS:-2} --dist loadgroup
 
 test-gpu:  ## on a machine with a CUDA GPU: the gpu-marked tests, then the GPU benchmarks as JSON under runs/gpu-check
 	@PY=$$(bash scripts/setup_env.sh) && PYTHON=$$PY bash scripts/gpu_check.sh

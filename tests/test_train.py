@@ -13,7 +13,9 @@ import torch
 
 from helpers import REPO, free_port, history, run, tiny_config
 
-pytestmark = pytest.mark.slow  # end-to-end runs; `pytest -m "not slow"` skips them while iterating
+# end-to-end runs (`pytest -m "not slow"` skips them while iterating), on one xdist worker so that the
+# module's reference runs are trained once
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("train")]
 
 
 @pytest.fixture(scope="module")
@@ -92,17 +94,23 @@ def test_sigterm_checkpoints_and_exits_zero_then_resume_is_exact(tmp_path, demo_
         assert got[step] == want[step], step
 
 
+@pytest.fixture(scope="module")
+def uninterrupted_two(tmp_path_factory, demo_manifest):
+    """The tiny config trained by 2 processes without a stop: the losses a resumed 2-process run must equal."""
+    tmp = tmp_path_factory.mktemp("full2")
+    run(["train", str(tiny_config(tmp, demo_manifest, "full2"))], procs=2)
+    return tmp / "full2"
+
+
 @pytest.mark.parametrize("stop_at", [7, 10])
-def test_two_processes_stop_and_resume_is_exact(tmp_path, demo_manifest, stop_at):
+def test_two_processes_stop_and_resume_is_exact(tmp_path, demo_manifest, uninterrupted_two, stop_at):
     """Mid-epoch, and at the end of an evaluated epoch: there the next epoch's clustering embeds with
     the BatchNorm statistics of the checkpoint (rank 0's), which a rank only has if they are broadcast
     (found by the two-host crash test: losses differed by ~1e-4 after such a resume)."""
-    full = tiny_config(tmp_path, demo_manifest, "full2")
     split = tiny_config(tmp_path, demo_manifest, "split2")
-    run(["train", str(full)], procs=2)
     run(["train", str(split), f"train.max_steps={stop_at}"], procs=2)
     run(["train", str(split), "--resume"], procs=2)
-    _, want = history(tmp_path / "full2")
+    _, want = history(uninterrupted_two)
     _, got = history(tmp_path / "split2")
     assert sorted(got) == list(range(1, 16))
     for step in range(stop_at + 1, 16):
