@@ -5,7 +5,7 @@ demo:  ## install, build + pack the demo data, train on two domains, evaluate on
 	@PY=$$(bash scripts/setup_env.sh) && $$PY -m dgucdir demo
 
 test:  ## install and run the test suite on 2 workers (brings up private SLURM clusters for the launcher tests)
-	@PY=$$(bash scripts/setup_env.sh) && OMP_NUM_THREADS=1 $$PY -m pytest -q -n $${TEST_WORKERS:-2} --dist loadgroup
+	@PY=$$(bash scripts/setup_env.sh) && OMP_NUM_THREADS=1 $$PY -m pytest -q -n $${TEST_WORKERS:-2} --dist loadfile
 
 test-gpu:  ## on a machine with a CUDA GPU: the gpu-marked tests, then the GPU benchmarks as JSON under runs/gpu-check
 	@PY=$$(bash scripts/setup_env.sh) && PYTHON=$$PY bash scripts/gpu_check.sh

@@ -6,10 +6,14 @@ install_packages() {
     command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v munged >/dev/null && return 0
     [ "$(id -u)" = 0 ] || { echo "$0: need root to install slurm-wlm and munge" >&2; return 1; }
     export DEBIAN_FRONTEND=noninteractive
-    apt-get install -y -q --no-install-recommends slurmctld slurmd slurm-client munge >/dev/null 2>&1 || {
-        apt-get update -q >/dev/null 2>&1
-        apt-get install -y -q --no-install-recommends slurmctld slurmd slurm-client munge >/dev/null
-    }
+    (   # both test clusters may come up at once (pytest workers): one apt at a time
+        flock -w 600 9 || { echo "$0: apt lock /tmp/dgucdir-apt.lock held for 10 minutes" >&2; exit 1; }
+        command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v munged >/dev/null && exit 0
+        apt-get install -y -q --no-install-recommends slurmctld slurmd slurm-client munge >/dev/null 2>&1 || {
+            apt-get update -q >/dev/null 2>&1
+            apt-get install -y -q --no-install-recommends slurmctld slurmd slurm-client munge >/dev/null
+        }
+    ) 9>/tmp/dgucdir-apt.lock
 }
 
 # The slurm.conf lines every test cluster shares: $1 folder, $2 controller port (slurmd: $2 + 1).

@@ -8,8 +8,6 @@ import yaml
 
 from helpers import REPO, cli, run, tiny_config
 
-pytestmark = pytest.mark.xdist_group("cli")  # one xdist worker: the module's checkpoint is trained once
-
 SUBCOMMANDS = ["config", "pack", "demo-data", "demo", "train", "eval", "search", "export", "ablate", "runs", "bench"]
 
 

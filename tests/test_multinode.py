@@ -18,7 +18,7 @@ import pytest
 
 from helpers import REPO, free_port, history, run, tiny_config
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("slurm")]  # with test_slurm.py: same worker
+pytestmark = pytest.mark.slow
 SCRIPT = REPO / "scripts/cluster.sh"
 CLUSTER_DIR = "/tmp/dgucdir-cluster-test"
 ENV = {**os.environ, "DGUCDIR_CLUSTER_DIR": CLUSTER_DIR, "DGUCDIR_CLUSTER_PREFIX": "dgucdir-test",

@@ -13,9 +13,7 @@ import pytest
 
 from helpers import REPO, history, tiny_config
 
-# end-to-end runs (`pytest -m "not slow"` skips them while iterating); one xdist worker runs both
-# SLURM modules, one after the other: they install the same packages and time their jobs
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("slurm")]
+pytestmark = pytest.mark.slow  # end-to-end runs; `pytest -m "not slow"` skips them while iterating
 
 
 @pytest.fixture(scope="module")

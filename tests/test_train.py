@@ -13,9 +13,7 @@ import torch
 
 from helpers import REPO, free_port, history, run, tiny_config
 
-# end-to-end runs (`pytest -m "not slow"` skips them while iterating), on one xdist worker so that the
-# module's reference runs are trained once
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("train")]
+pytestmark = pytest.mark.slow  # end-to-end runs; `pytest -m "not slow"` skips them while iterating
 
 
 @pytest.fixture(scope="module")
