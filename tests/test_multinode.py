@@ -171,14 +171,15 @@ def test_a_lost_node_requeues_the_job_which_waits_for_it_and_resumes_exactly(hos
     assert "JobState=PENDING" in state and "Reason=BeginTime" not in state, state
     cluster("node-up", "node1")
     logs = [tmp_path / "logs" / job_id / f"{job_id}_{rank}_log.{kind}" for rank in (0, 1) for kind in ("err", "out")]
-    def ended() -> str:
+
+    def explain() -> str:
+        return tails(*logs, *sorted(Path(CLUSTER_DIR, "log").glob("*.log")))
+
+    def ended() -> bool:  # fails at once, with the logs, if the requeued job fails
         state = job_state(job_id)
         if re.search(r"JobState=(FAILED|CANCELLED|TIMEOUT|NODE_FAIL)", state):
             pytest.fail(f"the requeued job did not complete: {state}\n{explain()}")
         return "JobState=COMPLETED" in state
-
-    def explain() -> str:
-        return tails(*logs, *sorted(Path(CLUSTER_DIR, "log").glob("*.log")))
 
     wait_for(ended, "the requeued job to complete", timeout=300, every=1, explain=explain)
     assert int(re.search(r"Restarts=(\d+)", job_state(job_id)).group(1)) >= 1
