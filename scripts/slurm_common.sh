@@ -2,13 +2,15 @@
 # Facts behind the settings: ../shared/notes/slurm-on-this-machine.md (linuxproc process tracking
 # because there are no cgroups, root as SlurmUser, no accounting storage).
 
+have_slurm() { command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v munged >/dev/null; }
+
 install_packages() {
-    command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v munged >/dev/null && return 0
+    have_slurm && return 0
     [ "$(id -u)" = 0 ] || { echo "$0: need root to install slurm-wlm and munge" >&2; return 1; }
     export DEBIAN_FRONTEND=noninteractive
     (   # both test clusters may come up at once (pytest workers): one apt at a time
         flock -w 600 9 || { echo "$0: apt lock /tmp/dgucdir-apt.lock held for 10 minutes" >&2; exit 1; }
-        command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v munged >/dev/null && exit 0
+        have_slurm && exit 0
         apt-get install -y -q --no-install-recommends slurmctld slurmd slurm-client munge >/dev/null 2>&1 || {
             apt-get update -q >/dev/null 2>&1
             apt-get install -y -q --no-install-recommends slurmctld slurmd slurm-client munge >/dev/null
