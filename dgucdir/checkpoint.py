@@ -10,11 +10,21 @@ and loading walk the same dicts, so a new piece of state is one new entry.
 All ranks write into a temporary folder that rank 0 renames to ``ckpt-<global step>`` only
 after every rank is done, so a folder with that name is always complete. Loading takes the
 latest checkpoint that every rank can read, skipping (with a warning) one that any rank cannot.
+
+Checkpoints are shared between people, so reading one must never run code: every file is read
+with ``torch.load(weights_only=True)``, and the state is kept to tensors and plain values.
+A write that fails for lack of space (``ENOSPC``/``EDQUOT``, on any rank) removes the partial
+folder and raises :class:`CheckpointSpaceError`, whose exit code says "resumable": the last
+complete checkpoint is never touched before a new one is in place.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
+import pickle
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +33,7 @@ from typing import Any, Callable, Protocol
 import torch
 
 from . import dist
-from .errors import CheckpointError
+from .errors import CheckpointError, CheckpointSpaceError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +61,82 @@ def rank_file(rank: int) -> str:
 
 
 def _atomic_save(obj: dict, path: Path) -> None:
+    """Written through a file object of ours (so a full disk surfaces as the ``OSError`` it is, not
+    as the zip writer's "unexpected pos"), synced, then renamed into place."""
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())  # network filesystems report a full quota at the latest here
     tmp.replace(path)
+
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def space_error(exc: BaseException) -> OSError | None:
+    """The out-of-space ``OSError`` behind ``exc`` (torch wraps it in a RuntimeError), if that is what it is."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in NO_SPACE:
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def free_bytes(path: Path) -> int:
+    """Free space of the filesystem that holds ``path`` (or would, for a folder not made yet)."""
+    path = Path(path).absolute()
+    while not path.exists():
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+class RefusedCheckpoint(CheckpointError):
+    """A file that holds more than tensors and plain values: never loaded, never skipped over silently."""
+
+
+_REFUSAL = re.compile(r"WeightsUnpickler error: (.*?)(?: Please use| Check the documentation|$)")
+
+
+def safe_load(path: Path) -> Any:
+    """``torch.load`` that never runs code from the file: tensors, plain values and nothing else.
+
+    A refused file raises :class:`CheckpointError` naming the file and what the safe loader
+    refused (e.g. ``GLOBAL posix.system``); any other unreadable file (truncated, not a torch
+    file) raises it with the reader's reason. Both are one line.
+    """
+    try:
+        with torch.serialization.safe_globals(LEGACY_SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = _REFUSAL.search(" ".join(str(exc).split()))
+        if found and ("GLOBAL" in found.group(1) or "allowlisted" in found.group(1)):  # code or a class it names
+            raise RefusedCheckpoint(f"{path}: refused by the safe loader, which reads only tensors and plain "
+                                    f"values ({found.group(1)})") from exc
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({first_line(exc)})") from exc
+    except Exception as exc:  # noqa: BLE001 - truncated, missing, not a torch file: the same user error
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({first_line(exc)})") from exc
+
+
+def _legacy_safe_globals() -> list:
+    """What checkpoints of dgucdir 0.1 need beyond plain values: numpy's RNG state was pickled as an
+    ``ndarray`` of uint32. Each entry only rebuilds an array from raw bytes: ``_reconstruct`` makes
+    an empty array of an allowed class, ``ndarray``/``dtype``/the uint32 dtype class restore shape,
+    dtype and data; the items of an
+    object array would still go through the same restricted unpickler. No callable of the file's
+    choosing is reachable, so this stays as safe as ``weights_only`` itself."""
+    import numpy as np
+
+    multiarray = getattr(np, "_core", None) or np.core  # numpy 2 moved it; 1.26 keeps np.core
+    return [multiarray.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+LEGACY_SAFE_GLOBALS = _legacy_safe_globals()
 
 
 def list_checkpoints(root: Path) -> list[Path]:
@@ -67,10 +150,7 @@ def read_shared(path: Path) -> dict:
     """The shared state of a checkpoint folder (or its ``state.pt``), on the CPU; for tools, not resume."""
     path = Path(path)
     state_file = path / SHARED if path.is_dir() else path
-    try:
-        shared = torch.load(state_file, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
-        raise CheckpointError(f"{state_file}: not a readable checkpoint ({type(exc).__name__}: {exc})") from exc
+    shared = safe_load(state_file)
     if not isinstance(shared, dict) or META not in shared:
         raise CheckpointError(f"{state_file}: not a dgucdir checkpoint")
     return shared
@@ -86,27 +166,77 @@ class Checkpointer:
         self.keep = keep
 
     def save(self, step: int, meta: dict) -> Path:
-        """Writes ``ckpt-<step>`` collectively (every rank calls this); returns its folder."""
+        """Writes ``ckpt-<step>`` collectively (every rank calls this); returns its folder.
+
+        Raises :class:`CheckpointSpaceError` on every rank when any rank ran out of space; the
+        partial folder is gone and the previous checkpoints are as they were.
+        """
         name = f"{PREFIX}{step:09d}"
         tmp, final = self.root / f".tmp-{name}", self.root / name
         rank = dist.rank()
+        failure: BaseException | None = None
+        try:
+            if rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+        except OSError as exc:
+            failure = exc
+        if not dist.any_rank(failure is not None):
+            try:
+                _atomic_save({k: v.state_dict() for k, v in self.per_rank.items()}, tmp / rank_file(rank))
+                if rank == 0:
+                    _atomic_save({META: meta, **{k: v.state_dict() for k, v in self.shared.items()}}, tmp / SHARED)
+            except Exception as exc:  # noqa: BLE001 - every rank must learn of it before anyone raises
+                failure = exc
+        if dist.any_rank(failure is not None):
+            if rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            dist.barrier()
+            raise self._write_failure(name, failure)
         if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        dist.barrier()
-        _atomic_save({k: v.state_dict() for k, v in self.per_rank.items()}, tmp / rank_file(rank))
-        if rank == 0:
-            _atomic_save({META: meta, **{k: v.state_dict() for k, v in self.shared.items()}}, tmp / SHARED)
-        dist.barrier()
-        if rank == 0:
-            if final.exists():
-                shutil.rmtree(final)
-            tmp.replace(final)
+            self._put_in_place(tmp, final)
             for old in list_checkpoints(self.root)[: -self.keep]:
                 shutil.rmtree(old, ignore_errors=True)
             log.info("checkpoint %s", final)
         dist.barrier()
         return final
+
+    @staticmethod
+    def _put_in_place(tmp: Path, final: Path) -> None:
+        """Renames the finished folder to its final name; an older folder of that name goes only afterwards."""
+        if final.exists():
+            aside = final.with_name(f".old-{final.name}")
+            shutil.rmtree(aside, ignore_errors=True)
+            final.replace(aside)
+            tmp.replace(final)
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            tmp.replace(final)
+
+    def _write_failure(self, name: str, failure: BaseException | None) -> BaseException:
+        """The error to raise on this rank: the space message, or this rank's own error, or a pointer to another rank."""
+        if failure is not None and space_error(failure) is None:
+            return failure
+        previous = list_checkpoints(self.root)
+        resume = (f"resume from {previous[-1]} with --resume once there is room" if previous
+                  else "no earlier checkpoint: the run starts over when resumed")
+        if failure is None:
+            return CheckpointSpaceError(f"checkpoint {name} not written: another rank could not write its part; "
+                                        f"{resume}")
+        needed = f"about {folder_bytes(previous[-1]) / 2**20:.1f} MiB (the last checkpoint's size)" if previous \
+            else "more than was left"
+        return CheckpointSpaceError(
+            f"checkpoint {name} not written: {space_error(failure).strerror.lower()} in {self.root} "
+            f"(it needs {needed}; {free_bytes(self.root) / 2**20:.1f} MiB free); {resume}")
+
+    def warn_if_short_of_space(self, estimate: int) -> None:
+        """At start: one warning when the filesystem cannot hold one more checkpoint of ``estimate`` bytes."""
+        previous = list_checkpoints(self.root)
+        needed = folder_bytes(previous[-1]) if previous else estimate
+        free = free_bytes(self.root)
+        if free < needed:
+            log.warning("only %.1f MiB free for checkpoints in %s; one needs about %.1f MiB: the first checkpoint "
+                        "will fail (the run then stops, resumable)", free / 2**20, self.root, needed / 2**20)
 
     def load(self, explicit: Path | None = None) -> tuple[Path, dict] | None:
         """Restores the latest checkpoint every rank can read (or ``explicit``); returns (folder, meta).
@@ -121,7 +251,13 @@ class Checkpointer:
                 shutil.rmtree(unfinished, ignore_errors=True)
         dist.barrier()
         for i, path in enumerate(candidates):
-            loaded = self._read(path)
+            refusal: RefusedCheckpoint | None = None
+            try:
+                loaded = self._read(path)
+            except RefusedCheckpoint as exc:
+                refusal, loaded = exc, None
+            if dist.any_rank(refusal is not None):  # a crafted file is an error, not a reason to fall back
+                raise refusal or RefusedCheckpoint(f"{path}: refused by the safe loader on another rank")
             if dist.all_ranks(loaded is not None):
                 if i > 0:
                     log.warning("resuming from %s instead of the unreadable %s", path, candidates[0])
@@ -141,12 +277,14 @@ class Checkpointer:
 
     def _read(self, path: Path) -> tuple[dict, dict] | None:
         try:
-            shared = torch.load(path / SHARED, map_location="cpu", weights_only=False)
-            own = torch.load(path / rank_file(dist.rank()), map_location="cpu", weights_only=False)
+            shared = safe_load(path / SHARED)
+            own = safe_load(path / rank_file(dist.rank()))
             missing = [k for k in (META, *self.shared) if k not in shared] + [k for k in self.per_rank if k not in own]
             if missing:
                 raise KeyError(f"no {', '.join(missing)} (written by another version?)")
             return shared, own
+        except RefusedCheckpoint:
+            raise
         except Exception as exc:  # noqa: BLE001 - truncated, missing or corrupt: try the previous one
             log.warning("rank %d cannot read checkpoint %s (%s: %s)", dist.rank(), path, type(exc).__name__, exc)
             return None

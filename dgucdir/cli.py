@@ -79,13 +79,14 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .demo import ensure_demo_data
-    from .train import EXIT_STOPPED, Trainer
+    from .errors import EXIT_RESUMABLE
+    from .train import Trainer
 
     cfg = load_config(args.config, args.overrides)
     ensure_demo_data(cfg, launched_world_size())
     trainer = Trainer(cfg, resume=args.from_checkpoint or ("latest" if args.resume else None), overwrite=args.overwrite)
     finished = trainer.fit()
-    return EXIT_STOPPED if not finished and trainer.stop.requested else 0
+    return EXIT_RESUMABLE if not finished and trainer.stop.requested else 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -100,8 +101,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _eval_sources(args: argparse.Namespace) -> tuple[str | None, list[str]]:
     """(checkpoint, overrides): `eval --init random --config c.yaml key=value` puts key=value first."""
     if args.checkpoint and "=" in args.checkpoint and not Path(args.checkpoint).exists():
-        return None, [args.checkpoint, *args.overrides]
-    return args.checkpoint, list(args.overrides)
+        return None, checked_overrides([args.checkpoint, *args.overrides])
+    return args.checkpoint, checked_overrides(args.overrides)
+
+
+def checked_overrides(words: list[str]) -> list[str]:
+    """The words after a checkpoint, each a ``key=value`` override: a second checkpoint or a stray
+    word is an error naming it, never silently dropped (keys are checked when the config is built)."""
+    for word in words:
+        if "=" not in word:
+            if Path(word).exists():
+                raise ConfigError(f"{word!r}: a second checkpoint or file; give one checkpoint per command")
+            raise ConfigError(f"{word!r}: not an override; expected dotted.key=value (see `dgucdir config --schema`)")
+    return words
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -118,7 +130,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if checkpoint and args.init:
         raise ConfigError("give a checkpoint or --init, not both")
     if checkpoint:
-        encoder, cfg = encoder_from_checkpoint(Path(checkpoint), load_config(args.config, overrides) if args.config else None)
+        encoder, cfg = encoder_from_checkpoint(Path(checkpoint), args.config, overrides)
     elif args.init and args.config:
         cfg = load_config(args.config, overrides)
         encoder = baseline_encoder(cfg, args.init[0], args.init[1] if len(args.init) > 1 else None)
@@ -273,7 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Trains the config. For configs/demo.yaml, a single process first renders "
                        "the demo data when data/demo is missing or was rendered by an older version. "
                        "Exit codes: 0 trained to the end (or to train.max_steps), 2 a config/data/checkpoint "
-                       "error, 75 stopped by SIGTERM/SIGUSR1 after writing a checkpoint (run again with --resume).")
+                       "error, 75 resumable: stopped by SIGTERM/SIGUSR1 after writing a checkpoint, or a checkpoint "
+                       "that did not fit on the disk (the previous one is intact; run again with --resume).")
     _add_config_args(p)
     start = p.add_mutually_exclusive_group()
     start.add_argument("--resume", action="store_true",
@@ -377,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except UserError as exc:  # anything else is a bug or the environment: keep its traceback
         print(f"dgucdir {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ dotted key, the YAML file and line where it came from, and what would have been 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -456,9 +457,23 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
             raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
         if node is not None:
             lines = _line_map(node, str(path))
+    return with_overrides(raw, overrides, lines)
+
+
+def with_overrides(raw: dict, overrides: typing.Sequence[str], lines: dict[str, str] | None = None) -> Config:
+    """``raw`` (a YAML file's data, or the config saved in a checkpoint) with dotted overrides, validated.
+
+    Each override is checked like a config file's line: a word that is not ``key=value`` or a key
+    the schema does not know is a :class:`ConfigError` naming what was typed.
+    """
+    raw = copy.deepcopy(raw)
+    lines = dict(lines or {})
     for item in overrides:
         key, text = parse_override(item)
         _set_nested(raw, key, _override_value(key, text))
+        parts = key.split(".")
+        for depth in range(1, len(parts) + 1):  # an unknown key is named with the override that made it
+            lines.setdefault(".".join(parts[:depth]), f" (command-line override {item!r})")
         lines[key] = f" (command-line override {item!r})"
     return from_dict(raw, lines)
 

@@ -1,12 +1,18 @@
 """The one base class of the errors a user can fix (bad config, data, checkpoint, input file).
 
-The CLI turns a :class:`UserError` into one line on stderr and exit code 2; every other
-exception is a bug or an environment failure and keeps its traceback.
+The CLI turns a :class:`UserError` into one line on stderr and its ``exit_code`` (2 unless the
+error says otherwise); every other exception is a bug or an environment failure and keeps its
+traceback.
 """
+
+EXIT_USER_ERROR = 2
+EXIT_RESUMABLE = 75  # EX_TEMPFAIL: the run stopped after its last complete checkpoint; run it again with --resume
 
 
 class UserError(Exception):
     """A problem with what the user gave us; the message says which file/key and what to do."""
+
+    exit_code = EXIT_USER_ERROR
 
 
 class DataError(UserError):
@@ -15,3 +21,15 @@ class DataError(UserError):
 
 class CheckpointError(UserError):
     """A checkpoint that cannot be read or does not fit the job resuming from it."""
+
+
+class CheckpointSpaceError(CheckpointError):
+    """A checkpoint could not be written for lack of space; the previous one is intact, so the run is resumable."""
+
+    exit_code = EXIT_RESUMABLE
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """``Type: message`` on one line, for errors whose text (torch's, pickle's) runs over many."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"

@@ -12,11 +12,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from .checkpoint import SHARED
+from .checkpoint import SHARED, safe_load
 from .data.fourier import normalize
 from .data.manifest import Manifest, SampleRecord
 from .data.pipeline import PipelineSpec
-from .errors import DataError
+from .errors import CheckpointError, DataError
 from .model.loading import encoder_from_checkpoint
 from .retrieval import extract_features, picture_grid, thumbnail, top_matches
 
@@ -64,8 +64,11 @@ def gallery_features(encoder: torch.nn.Module, cache_dir: Path, manifest: Manife
     """The gallery's features, embedded once and cached in ``cache_dir``."""
     path = cache_dir / f"{domain}-{gallery_cache_key(encoder, manifest, domain, image_size)}.pt"
     if path.is_file():
-        cached = torch.load(path, map_location=device)
-        return cached["features"], cached["labels"]
+        try:
+            cached = safe_load(path)
+            return cached["features"].to(device), cached["labels"].to(device)
+        except (CheckpointError, KeyError, TypeError, AttributeError) as exc:
+            log.warning("ignoring the gallery cache %s, embedding again (%s)", path, exc)
     log.info("embedding gallery %r (cached in %s)", domain, path)
     spec = PipelineSpec.for_device(image_size, 2, device)
     feats, labels = extract_features(encoder, manifest.domain(domain), spec, batch_size, device)

@@ -27,18 +27,34 @@ def seed_process(seed: int, global_rank: int) -> None:
     torch.manual_seed(s)
 
 
+def numpy_rng_state() -> dict:
+    """numpy's global generator state as a tensor and plain values, which the safe loader reads
+    (``np.random.get_state()`` holds an ndarray, which it would refuse)."""
+    algorithm, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"algorithm": algorithm, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+
+
+def set_numpy_rng_state(state: dict | tuple) -> None:
+    """Restores :func:`numpy_rng_state`'s dict, or the raw tuple that checkpoints of version 0.1 hold."""
+    if isinstance(state, dict):
+        keys = state["keys"].numpy().astype(np.uint32)
+        state = (state["algorithm"], keys, state["pos"], state["has_gauss"], state["cached_gaussian"])
+    np.random.set_state(state)
+
+
 class ProcessRNG:
     """The process-wide generators (Python, numpy, torch CPU and CUDA) as a checkpointable object."""
 
     def state_dict(self) -> dict:
-        state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+        state = {"python": random.getstate(), "numpy": numpy_rng_state(), "torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             state["cuda"] = torch.cuda.get_rng_state_all()
         return state
 
     def load_state_dict(self, state: dict) -> None:
         random.setstate(state["python"])
-        np.random.set_state(state["numpy"])
+        set_numpy_rng_state(state["numpy"])
         torch.set_rng_state(state["torch"])
         if "cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda"])

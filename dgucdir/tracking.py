@@ -7,12 +7,15 @@ A resumed job passes the run id from its checkpoint and continues the same run.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .checkpoint import space_error
 from .config import Config, flatten
 
 if TYPE_CHECKING:
@@ -150,6 +153,18 @@ def log_posthoc(cfg: Config, checkpoint: Path, metrics: dict[str, float], files:
     return run_id
 
 
+@contextlib.contextmanager
+def tolerate_full_disk(what: str) -> Iterator[None]:
+    """Artifacts are copies of files the run keeps anyway: a full disk while logging them is a
+    warning, not the end of a training run. Every other failure still raises."""
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - MLflow wraps the OSError in its own exceptions
+        if space_error(exc) is None:
+            raise
+        log.warning("MLflow: %s not logged, no space left (%s); training goes on", what, space_error(exc))
+
+
 class Tracker:
     def __init__(self, cfg: Config, active: bool) -> None:
         self.cfg = cfg
@@ -198,8 +213,9 @@ class Tracker:
 
     def log_artifacts(self, paths: list[Path], subdir: str | None = None) -> None:
         if self.active:
-            for p in paths:
-                self._mlflow.log_artifact(str(p), artifact_path=subdir)
+            with tolerate_full_disk(f"artifacts {', '.join(p.name for p in paths)}"):
+                for p in paths:
+                    self._mlflow.log_artifact(str(p), artifact_path=subdir)
 
     def log_model(self, encoder: torch.nn.Module) -> str | None:
         """The trained encoder as an MLflow model (pytorch flavour, with a pyfunc face); returns its URI.
@@ -224,13 +240,17 @@ class Tracker:
         mlflow_pytorch_log = logging.getLogger("mlflow.pytorch")
         level = mlflow_pytorch_log.level
         mlflow_pytorch_log.setLevel(logging.ERROR)
+        info = None
         try:
-            info = mlflow.pytorch.log_model(
-                copy.deepcopy(encoder).cpu().eval(), name="encoder", serialization_format="pickle",
-                code_paths=[str(Path(dgucdir.__file__).parent)],
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "safetensors", "pyyaml"])
+            with tolerate_full_disk("the MLflow model"):
+                info = mlflow.pytorch.log_model(
+                    copy.deepcopy(encoder).cpu().eval(), name="encoder", serialization_format="pickle",
+                    code_paths=[str(Path(dgucdir.__file__).parent)],
+                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "safetensors", "pyyaml"])
         finally:
             mlflow_pytorch_log.setLevel(level)
+        if info is None:
+            return None
         self._mlflow.set_tag("dgucdir.model_uri", info.model_uri)
         return info.model_uri
 
@@ -239,9 +259,10 @@ class Tracker:
         if self.active:
             from PIL import Image
 
-            for p in paths:
-                with Image.open(p) as img:
-                    self._mlflow.log_image(img.convert("RGB"), key=p.stem, step=step)
+            with tolerate_full_disk(f"images {', '.join(p.name for p in paths)}"):
+                for p in paths:
+                    with Image.open(p) as img:
+                        self._mlflow.log_image(img.convert("RGB"), key=p.stem, step=step)
 
     def end(self, status: str = "FINISHED") -> None:
         """Ends the run; later log calls are dropped (MLflow would silently open a new run for them)."""

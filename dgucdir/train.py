@@ -9,7 +9,7 @@ step) — DALI pipeline seeds, Fourier lambdas and partners, the shuffle-BN perm
 everything else that evolves (weights, optimizer, queues, cluster state, step counters) is in
 the checkpoint. SIGTERM/SIGUSR1 stop the run at the next step where the ranks compare notes and
 write a checkpoint; ``fit()`` then returns normally (a SLURM task ends cleanly, which preemption
-and submitit requeueing rely on; `dgucdir train` exits 75).
+and submitit requeueing rely on; `dgucdir train` exits ``EXIT_RESUMABLE``, 75).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from .data.fourier import normalize
 from .data.loader import Batch, MultiDomainLoader
 from .data.manifest import Manifest
 from .data.pipeline import PipelineSpec
-from .errors import UserError
+from .errors import CheckpointSpaceError, UserError
 from .metric_window import MetricWindow
 from .model.dgucdir import DGUCDIR
 from .model.encoder import load_moco_v2
@@ -49,8 +49,13 @@ from .tracking import Tracker, run_tags
 
 log = logging.getLogger(__name__)
 
-EXIT_STOPPED = 75  # `dgucdir train` stopped by SIGTERM/SIGUSR1 after a checkpoint (EX_TEMPFAIL: run it again)
 RUN_INFO = "run.json"  # beside config.yaml: what data the run trained on (see write_run_info)
+
+
+def estimated_checkpoint_bytes(core: torch.nn.Module) -> int:
+    """The model's tensors (both encoders, queues) plus one optimizer buffer per trainable weight."""
+    tensors = sum(t.numel() * t.element_size() for t in core.state_dict().values())
+    return tensors + sum(p.numel() * p.element_size() for p in core.parameters() if p.requires_grad)
 
 
 def setup_logging(rank: int, level: int = logging.INFO) -> None:
@@ -158,6 +163,8 @@ class Trainer:
             self.out_dir / "checkpoints", shared,
             {"queues": StateFns(self.core.queues_state, self.core.load_queues_state), "rng": ProcessRNG()},
             cfg.train.keep_checkpoints)
+        if self.rank == 0:
+            self.checkpointer.warn_if_short_of_space(estimated_checkpoint_bytes(self.core))
         if resume is None:
             self._claim_output_folder(overwrite)
         run_id = self._resume(resume) if resume else None
@@ -373,7 +380,7 @@ class Trainer:
             if lost:  # the usual multi-node failure: one line that says which rank, not a gloo traceback
                 log.error("rank %d (%s): %s; the job fails, and resumes from the last complete checkpoint "
                           "when started again", self.rank, self.peers[self.rank].host, lost)
-            else:
+            elif not isinstance(exc, CheckpointSpaceError):  # that one is its own one-line message
                 log.exception("training failed on rank %d", self.rank)
-            self.tracker.end("FAILED")
+            self.tracker.end("KILLED" if isinstance(exc, CheckpointSpaceError) else "FAILED")
             raise

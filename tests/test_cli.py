@@ -122,7 +122,7 @@ def test_eval_log_to_run_lands_in_the_training_run(tmp_path, checkpoint):
     import torch
     from mlflow.tracking import MlflowClient
 
-    meta = torch.load(checkpoint / "state.pt", weights_only=False)
+    meta = torch.load(checkpoint / "state.pt", weights_only=True)
     run_id, step = meta["meta"]["mlflow_run_id"], meta["progress"]["global_step"]
     res = cli("eval", str(checkpoint), "--log-to-run", "--out", str(tmp_path / "posthoc"))
     assert f"logged to MLflow run {run_id}" in res.stdout
@@ -140,7 +140,7 @@ def test_the_final_encoder_is_an_mlflow_model_with_the_checkpoints_features(chec
 
     from dgucdir.model.loading import encoder_from_checkpoint
 
-    meta = torch.load(checkpoint / "state.pt", weights_only=False)["meta"]
+    meta = torch.load(checkpoint / "state.pt", weights_only=True)["meta"]
     mlflow.set_tracking_uri(meta["config"]["tracking"]["uri"])
     uri = MlflowClient().get_run(meta["mlflow_run_id"]).data.tags["dgucdir.model_uri"]
     loaded = mlflow.pytorch.load_model(uri).eval()
@@ -148,3 +148,37 @@ def test_the_final_encoder_is_an_mlflow_model_with_the_checkpoints_features(chec
     x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(loaded.pooled(x), want.eval().pooled(x))
+
+
+def test_words_after_a_checkpoint_are_overrides_of_its_config_or_an_error(tmp_path, checkpoint):
+    res = cli("eval", str(checkpoint), "eval.topk=[1,3]", "--domains", "photo", "sketch", "--out", str(tmp_path / "k"))
+    mean = json.loads((tmp_path / "k/retrieval.json").read_text())["mean"]
+    assert {"P@1", "P@3"} <= set(mean) and "P@5" not in mean, mean  # the saved config says [1, 5, 15]
+    assert "P@3" in res.stdout
+    for words, says in ((["foo.bar=1"], "foo.bar"), (["notanoverride"], "'notanoverride': not an override"),
+                        ([str(checkpoint)], "a second checkpoint")):
+        bad = cli("eval", str(checkpoint), *words, "--out", str(tmp_path / "x"), check=False)
+        assert bad.returncode == 2 and says in bad.stderr, bad.stderr
+        assert len(bad.stderr.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
+    bad = cli("export", str(checkpoint), str(checkpoint), "--out", str(tmp_path / "e.safetensors"), check=False)
+    assert bad.returncode == 2 and "unrecognized arguments" in bad.stderr
+
+
+def test_a_crafted_checkpoint_is_refused_by_every_command_and_runs_nothing(tmp_path, demo_manifest):
+    import torch
+
+    from test_checkpoint import CreatesFile
+
+    marker = tmp_path / "marker"
+    cfg = tiny_config(tmp_path, demo_manifest, "crafted")
+    crafted = tmp_path / "crafted/checkpoints/ckpt-000000005"
+    crafted.mkdir(parents=True)
+    torch.save({"meta": CreatesFile(marker), "model": {}}, crafted / "state.pt")
+    torch.save({"rng": CreatesFile(marker)}, crafted / "rank0.pt")
+    for args in (["eval", str(crafted)], ["export", str(crafted), "--out", str(tmp_path / "e.safetensors")],
+                 ["train", str(cfg), "--resume"], ["search", str(crafted), "--gallery", "sketch", "--query", "x.png"]):
+        res = cli(*args, check=False)
+        assert res.returncode == 2, (args, res.stderr[-2000:])
+        last = res.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"dgucdir {args[0]}: error: {crafted / 'state.pt'}: refused by the safe loader"), last
+        assert "Traceback" not in res.stderr and not marker.exists(), args

@@ -125,7 +125,7 @@ def test_accelerate_launch_two_processes_end_to_end(tmp_path, demo_manifest):
     assert sorted(losses) == list(range(1, 11))
     # ranks agree on the evaluation (checked by the trainer itself, which fails otherwise)
     assert "retrieval on unseen domains after epoch_0002" in res.stderr
-    state = torch.load(tmp_path / "acc/checkpoints/ckpt-000000010/state.pt", weights_only=False)
+    state = torch.load(tmp_path / "acc/checkpoints/ckpt-000000010/state.pt", weights_only=True)
     assert state["meta"]["world_size"] == 2 and state["meta"]["mlflow_run_id"] == run_id
     assert all((t >= 0).all() for t in state["clusters"]["tables"])  # every training sample has a cluster
     # resuming a finished run changes nothing and still ends cleanly
@@ -205,3 +205,40 @@ def test_a_folder_with_checkpoints_is_not_started_over_by_accident(tmp_path, dem
     assert sorted(history(tmp_path / "again")[1]) == [1, 2, 3, 4, 5, 6]
     run(["train", str(cfg), "train.max_steps=1", "--overwrite"])
     assert [p.name for p in (tmp_path / "again/checkpoints").iterdir()] == ["ckpt-000000001"]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 40 MB tmpfs: room for two checkpoints of the tiny config (16 MB each) and not three."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(mount)], capture_output=True, text=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({res.stderr.strip()}); test_checkpoint.py injects ENOSPC instead")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_stops_training_resumable_and_resume_is_exact(tmp_path, small_disk, demo_manifest, uninterrupted):
+    cfg = tiny_config(tmp_path, demo_manifest, "full-disk", output_dir=str(small_disk / "run"))
+    uri = f"tracking.uri=sqlite:///{tmp_path / 'mlruns.db'}"  # the store elsewhere: only checkpoints fill the disk
+    res = subprocess.run([sys.executable, "-m", "dgucdir", "train", str(cfg), uri], cwd=REPO, capture_output=True,
+                         text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 75, res.stderr[-3000:]
+    last = res.stderr.strip().splitlines()[-1]
+    ckpts = small_disk / "run/checkpoints"
+    assert last.startswith("dgucdir train: error: checkpoint ckpt-000000015 not written: no space left on device in "
+                           f"{ckpts} (it needs about 15.4 MiB (the last checkpoint's size);"), last
+    assert last.endswith(f"MiB free); resume from {ckpts / 'ckpt-000000010'} with --resume once there is room")
+    assert "Traceback" not in res.stderr
+    assert sorted(p.name for p in ckpts.iterdir()) == ["ckpt-000000005", "ckpt-000000010"]  # no .tmp-ckpt-* left
+    subprocess.run(["mount", "-o", "remount,size=100m", str(small_disk)], check=True)
+    run(["train", str(cfg), uri, "--resume"])
+    _, got = history(tmp_path)
+    _, want = history(uninterrupted)
+    assert sorted(got) == list(range(1, 16))
+    for step in range(11, 16):
+        assert got[step] == want[step], step
+    assert history(tmp_path, "eval/mean/P_at_1")[1] == history(uninterrupted, "eval/mean/P_at_1")[1]

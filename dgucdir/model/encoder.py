@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.resnet import BasicBlock, ResNet, resnet18, resnet50
 
+from ..checkpoint import safe_load
 from ..errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -73,10 +74,7 @@ def load_moco_v2(encoder: Encoder, path: str | Path) -> tuple[list[str], list[st
     checkpoint, or whose tensors do not fit this architecture, is a clear error.
     """
     path = Path(path)
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})") from exc
+    ckpt = safe_load(path)
     state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
     if not isinstance(state, dict) or not any(k.startswith(MOCO_PREFIX) for k in state):
         raise CheckpointError(f"{path}: not a MoCo v2 checkpoint (expected a 'state_dict' with '{MOCO_PREFIX}*' keys)")

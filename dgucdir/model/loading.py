@@ -6,12 +6,13 @@ that knows how a DG-UCDIR checkpoint's model state maps onto an :class:`Encoder`
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from ..checkpoint import META, read_shared
-from ..config import Config, from_dict
+from ..config import Config, from_dict, load_config, with_overrides
 from ..errors import CheckpointError
 from .encoder import MOCO_PREFIX, Encoder, load_moco_v2
 
@@ -23,13 +24,16 @@ def encoder_state(shared: dict) -> dict[str, torch.Tensor]:
     return {k[len(QUERY_PREFIX):]: v for k, v in shared["model"].items() if k.startswith(QUERY_PREFIX)}
 
 
-def encoder_from_checkpoint(path: Path, cfg: Config | None = None) -> tuple[Encoder, Config]:
-    """The query encoder of a dgucdir checkpoint (folder or its state.pt) and the config it was trained with.
+def encoder_from_checkpoint(path: Path, config: str | Path | None = None,
+                            overrides: Sequence[str] = ()) -> tuple[Encoder, Config]:
+    """The query encoder of a dgucdir checkpoint (folder or its state.pt) and the config to use it with.
 
-    ``cfg`` replaces the saved config (its model section must match the checkpoint's tensors).
+    The config is the one it was trained with, or the file ``config`` when given; ``overrides``
+    apply to either and are validated as on the command line (its model section must still
+    match the checkpoint's tensors).
     """
     shared = read_shared(path)
-    cfg = cfg or from_dict(shared[META]["config"])
+    cfg = load_config(config, overrides) if config else with_overrides(shared[META]["config"], overrides)
     encoder = Encoder(cfg.model.arch, cfg.model.proj_dim)
     try:
         encoder.load_state_dict(encoder_state(shared))
