@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import ConfigError, load_config
+from .extras import pyplot
 from .runs import parent_run
 from .tracking import start_sweep_run, tracking_uri
 
@@ -73,10 +74,7 @@ class Ablation:
 
     def picture(self, path: Path) -> Path:
         """One bar chart per metric: each variant's mean with its std as error bar and its seeds as dots."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot("the ablation chart")
 
         fig, axes = plt.subplots(1, len(METRICS), figsize=(5 * len(METRICS), 4))
         for ax, metric in zip(axes, METRICS):
@@ -121,6 +119,7 @@ def run_ablation(config: str, overrides: list[str], variants: list[str], seeds: 
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise ConfigError(f"--variants: unknown {unknown}; known: {', '.join(VARIANTS)}")
+    pyplot("the ablation chart")  # before hours of training, not after
     sweep = f"ablate-{out.resolve().name}"  # `dgucdir runs --sweep` shows the same table from MLflow
     base = load_config(config, overrides)
     uri = tracking_uri(base)

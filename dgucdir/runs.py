@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UserError
+from .extras import pyplot
 
 PARENT_TAG = "dgucdir.sweep_parent"
 
@@ -79,10 +80,7 @@ class RunsTable:
 
     def picture(self, path: Path) -> Path:
         """Left: the mean metric over steps per run; right: the final mean per split with its std."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot("the --png picture")
 
         fig, (curves, bars) = plt.subplots(1, 2, figsize=(12, 4.5))
         for r in self.runs:
@@ -146,6 +144,8 @@ def parent_run(uri: str, sweep: str) -> str | None:
 
 def report(uri: str, metric: str, experiment: str | None, sweep: str | None, png: Path | None) -> RunsTable:
     """The table (and picture); for a sweep, both are also logged to its parent run."""
+    if png is not None:
+        pyplot("the --png picture")  # before reading the store
     table = collect(uri, metric, experiment, sweep)
     if png is not None:
         table.picture(png)

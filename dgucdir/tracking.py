@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from .checkpoint import space_error
 from .config import Config, flatten
+from .extras import MissingExtraError, require
 
 if TYPE_CHECKING:
     import torch
@@ -229,8 +230,13 @@ class Tracker:
             return None
         import copy
 
-        import mlflow.pytorch
         import torch
+
+        try:
+            mlflow_pytorch = require("mlflow.pytorch", "mlflow", "the MLflow model of the encoder")
+        except MissingExtraError as exc:  # the encoder is in encoder.safetensors and the run's artifacts anyway
+            log.warning("%s; the encoder is logged as model/encoder.safetensors only", exc)
+            return None
 
         import dgucdir
 
@@ -243,7 +249,7 @@ class Tracker:
         info = None
         try:
             with tolerate_full_disk("the MLflow model"):
-                info = mlflow.pytorch.log_model(
+                info = mlflow_pytorch.log_model(
                     copy.deepcopy(encoder).cpu().eval(), name="encoder", serialization_format="pickle",
                     code_paths=[str(Path(dgucdir.__file__).parent)],
                     pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "safetensors", "pyyaml"])

@@ -1,34 +1,79 @@
 #!/usr/bin/env bash
-# The GPU checks in one command (`make test-gpu`): the gpu-marked tests (CUDA against the CPU path),
-# then the GPU benchmarks as JSON files, for BENCHMARKS.md. Usage: scripts/gpu_check.sh [OUT_DIR]
-#   PYTHON=...   the interpreter (default: python3); run it in the environment that holds dgucdir
-# Refuses to start without a CUDA device: on a CPU machine the gpu tests skip inside the default suite.
+# The GPU checks in one command: the gpu-marked tests (CUDA against the CPU path), then the GPU
+# benchmarks, every result as a file under OUT_DIR and each phase's time printed as it ends.
+#
+#   scripts/gpu_check.sh [--wheelhouse DIR] [OUT_DIR]        (default OUT_DIR: runs/gpu-check)
+#
+#   make test-gpu                 in the full environment of scripts/setup_env.sh
+#   --wheelhouse DIR              on a node with only PyTorch: first installs DIR (scripts/wheelhouse.py)
+#                                 offline: into PYTHON's venv when it runs in one, else into
+#                                 OUT_DIR/venv, a new venv that sees the system's torch
+#   PYTHON=...                    the node's interpreter (default: python3)
+#
+# Sized to finish within 8 minutes on one H100-class GPU, the install included (docs/INSTALL.md
+# lists the expected time of each phase). Refuses to start the GPU phases without a CUDA device.
 set -euo pipefail
-PY=${PYTHON:-python3}
+cd "$(dirname "$0")/.."
+wheelhouse=""
+if [ "${1:-}" = "--wheelhouse" ]; then wheelhouse="$2"; shift 2; fi
 OUT=${1:-runs/gpu-check}
+PY=${PYTHON:-python3}
 mkdir -p "$OUT"
-"$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else "gpu_check: no CUDA device here")'
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/device.txt"
+start=$SECONDS
+phase_start=$SECONDS
+phase() {  # phase NAME: closes the previous phase (prints its time) and opens the next
+    [ -n "${current:-}" ] && printf '== %-14s %4d s\n' "$current" $((SECONDS - phase_start)) | tee -a "$OUT/phases.txt"
+    current=$1
+    phase_start=$SECONDS
+    [ "$current" = done ] || echo "== $current ..."
+}
 
-echo "== gpu tests"
+if [ -n "$wheelhouse" ]; then
+    phase install
+    if ! "$PY" -c 'import sys; sys.exit(sys.prefix == sys.base_prefix)'; then
+        "$PY" -m venv --system-site-packages "$OUT/venv"
+        PY="$OUT/venv/bin/python"
+    fi
+    "$PY" "$wheelhouse/install_wheelhouse.py" "$wheelhouse" --python "$PY" | tee "$OUT/install.log"
+fi
+
+phase device
+"$PY" -c 'import sys
+try:
+    import torch
+except ImportError:
+    sys.exit(f"gpu_check: no torch in {sys.executable}")
+sys.exit(0 if torch.cuda.is_available() else "gpu_check: no CUDA device here")'
+"$PY" -c 'import torch, json; print(json.dumps({"torch": torch.__version__, "cuda": torch.version.cuda,
+    "device": torch.cuda.get_device_name(0)}))' | tee "$OUT/device.json"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/device.txt" || true
+
+phase gpu-tests
 tests=0  # a failing test fails the check, after the benchmarks have still been taken
 "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/test_gpu.log" || tests=$?
 
-echo "== benchmarks"
+phase photos
 photos="$OUT/photos"
-[ -f "$photos/shards/manifest.json" ] || "$PY" -m dgucdir bench photos --out "$photos" --count 1000 >/dev/null
+[ -f "$photos/shards/manifest.json" ] || "$PY" -m dgucdir bench photos --out "$photos" --count 400 >/dev/null
 manifest="$photos/shards/manifest.json"
+
+phase bench-aug
 "$PY" -m dgucdir bench aug --image-size 224 --batch-size 128 --steps 10 | tee "$OUT/bench_aug.json"
-"$PY" -m dgucdir bench loader --manifest "$manifest" --image-size 224 --batch-size 256 --steps 20 \
+
+phase bench-loader
+"$PY" -m dgucdir bench loader --manifest "$manifest" --image-size 224 --batch-size 256 --steps 10 \
     | tee "$OUT/bench_loader.json"
+
 # ResNet-50 at 224 px as configs/pacs.yaml, on the photo set, random weights (throughput does not care)
-for precision in bf16 no; do
-    for batch in 128 256; do
-        "$PY" -m dgucdir bench train "data.manifest=$manifest" \
-            "data.train_domains=[warm,cool]" "data.eval_domains=[dim,bright]" data.num_threads=8 \
-            model.moco_init=none model.channels_last=true "train.mixed_precision=$precision" \
-            "train.batch_size=$batch" --config configs/pacs.yaml --steps 30 --warmup 5 | tee "$OUT/bench_train_${precision}_${batch}.json"
-    done
+for run in bf16:128 no:128 bf16:256; do
+    precision=${run%%:*} batch=${run##*:}
+    phase "train-$precision-$batch"
+    "$PY" -m dgucdir bench train "data.manifest=$manifest" \
+        "data.train_domains=[warm,cool]" "data.eval_domains=[dim,bright]" data.num_threads=8 \
+        model.moco_init=none model.channels_last=true "train.mixed_precision=$precision" \
+        "train.batch_size=$batch" --config configs/pacs.yaml --steps 20 --warmup 5 \
+        | tee "$OUT/bench_train_${precision}_${batch}.json"
 done
-echo "== results in $OUT"
+phase done
+echo "== total          $((SECONDS - start)) s; results in $OUT" | tee -a "$OUT/phases.txt"
 exit "$tests"

@@ -3,17 +3,17 @@
 #
 # The full stack (torch + DALI + mlflow) is ~7 GB and takes minutes to install, so the
 # environment lives outside the clone, keyed by a hash of the dependency lists in
-# pyproject.toml and the Python version: repeated runs and CI reuse it as long as the
+# pyproject.toml, the exact versions in constraints.txt and the Python version: repeated runs and CI reuse it as long as the
 # dependency set did not change. The project itself is installed editable (no reinstall on
 # code changes); it is re-pointed at this clone when the environment came from another one.
 #
 # Prints the path of the environment's python as its only line on stdout.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-key="$(python3 - "$root/pyproject.toml" <<'PY'
+key="$(python3 - "$root/pyproject.toml" "$root/constraints.txt" <<'PY'
 import hashlib, json, sys, tomllib
 project = tomllib.load(open(sys.argv[1], "rb"))["project"]
-inputs = [project["dependencies"], project.get("optional-dependencies", {}), sys.version]
+inputs = [project["dependencies"], project.get("optional-dependencies", {}), open(sys.argv[2]).read(), sys.version]
 print(hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16])
 PY
 )"
@@ -25,7 +25,7 @@ if [ ! -f "$venv/.complete" ]; then
     rm -rf "$venv"
     mkdir -p "$cache"
     python3 -m venv "$venv"
-    if ! { "$venv/bin/pip" install --upgrade pip && "$venv/bin/pip" install -e "$root[test,cu13]"; } >"$log" 2>&1; then
+    if ! { "$venv/bin/pip" install --upgrade pip && "$venv/bin/pip" install -c "$root/constraints.txt" -e "$root[test,cu13,mlflow,report]"; } >"$log" 2>&1; then
         tail -n 40 "$log" >&2
         echo "setup: install failed; full log in $log" >&2
         exit 1

@@ -134,6 +134,7 @@ def test_eval_log_to_run_lands_in_the_training_run(tmp_path, checkpoint):
 
 def test_the_final_encoder_is_an_mlflow_model_with_the_checkpoints_features(checkpoint):
     """`mlflow.pytorch.load_model` on the run's model URI gives the trained encoder back, bit for bit."""
+    pytest.importorskip("pandas", reason="the model flavour needs the full MLflow: pip install 'dgucdir[mlflow]'")
     import mlflow.pytorch
     import torch
     from mlflow.tracking import MlflowClient

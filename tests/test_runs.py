@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from mlflow.tracking import MlflowClient
 
 from helpers import REPO
@@ -35,6 +37,7 @@ def _store(tmp_path):
 
 
 def test_table_is_mean_and_std_over_seeds_per_split(tmp_path):
+    pytest.importorskip("matplotlib", reason="the picture needs the report extra: pip install 'dgucdir[report]'")
     from dgucdir.runs import report
 
     uri, client, parent = _store(tmp_path)
