@@ -136,10 +136,11 @@ def bench_loader(manifest_path: str, size: int, batch: int, steps: int) -> dict:
     result: dict = {"image_size": size, "batch": batch, "domains": domains, "steps": steps, "device": device.type}
     threads = torch.get_num_threads()
 
-    def samples_per_s(n: int, partner: str) -> float:
+    def samples_per_s(n: int, partner: str, order: str = "global") -> float:
         torch.set_num_threads(n)
         cfg = loader_config(domains, size, n)
         cfg.augment.partner = partner
+        cfg.data.order = order
         loader = MultiDomainLoader(cfg, manifest, batch, PipelineSpec.for_device(size, n, device), device)
         it = loader.epoch(0, num_steps=steps + 1)
         next(it)  # pipeline build and first batch
@@ -153,6 +154,8 @@ def bench_loader(manifest_path: str, size: int, batch: int, steps: int) -> dict:
         result[f"ours_{n}_thread_samples_s"] = samples_per_s(n, "per_view_raw")
     # what the original's feeding costs: raw partners (2 extra decodes + resizes per sample) vs in-batch ones
     result[f"ours_{threads}_thread_in_batch_partner_samples_s"] = samples_per_s(threads, "shared_batch")
+    # reading by index in a fresh global order (default) vs the shard reader's fixed, buffer-shuffled shards
+    result[f"ours_{threads}_thread_shard_order_samples_s"] = samples_per_s(threads, "per_view_raw", "shard")
     torch.set_num_threads(1)
     records = [(manifest.domain(d), r) for d in domains for r in manifest.domain(d).samples()[: max(16, batch // 4)]]
     blobs = [dom.read_image_bytes(r) for dom, r in records]

@@ -1,4 +1,10 @@
-"""Distributed spherical k-means in torch: every rank clusters its own shard of features.
+"""Distributed k-means in torch: every rank clusters its own shard of features.
+
+Two variants: :func:`euclidean_kmeans`, the original's (faiss ``Clustering`` with ``IndexFlatL2``:
+random initialisation, the best of ``nredo`` runs, training on a random subset of
+``max_points_per_centroid`` points per centroid, empty clusters split from a large one,
+assignment to the nearest unnormalised centroid), and :func:`spherical_kmeans` (k-means++,
+cosine assignment, normalised centroids), kept as ``loss.kmeans=spherical``.
 
 Only centroid sums, counts, scalar objectives and the occasional chosen point cross ranks
 (all-reduce / broadcast); no rank ever holds all features. Every random draw comes from a
@@ -19,9 +25,9 @@ from . import dist
 
 @dataclass
 class KMeansResult:
-    centroids: torch.Tensor  # (k, d), L2-normalised
+    centroids: torch.Tensor  # (k, d), L2-normalised (what the cluster loss compares with)
     assignments: torch.Tensor  # (n_local,) cluster id of each local feature
-    objective: float  # sum over all ranks' points of (1 - cosine to their centroid); lower is better
+    objective: float  # spherical: sum of (1 - cos); euclidean: sum of squared distances (its training set)
 
 
 def _local_counts(n_local: int, device: torch.device) -> list[int]:
@@ -112,6 +118,99 @@ def spherical_kmeans(x: torch.Tensor, k: int, niter: int = 20, nredo: int = 5, s
             best_result = KMeansResult(centroids, assign, objective)
     assert best_result is not None
     return best_result
+
+
+SPLIT_EPS = 1 / 1024  # faiss's relative perturbation when a cluster is split to fill an empty one
+
+
+def _squared_distances(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    return ((x * x).sum(1, keepdim=True) - 2 * x @ centroids.T + (centroids * centroids).sum(1)).clamp_min(0)
+
+
+def _split_empty(centroids: torch.Tensor, counts: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Each empty cluster takes a copy of a cluster drawn with probability ~ (size - 1), the two nudged
+    apart by ±1/1024 in alternating dimensions, and half its points (as faiss's ``split_clusters``).
+    ``counts`` are global (all-reduced), ``gen`` shared: every rank makes the same choice."""
+    centroids, counts = centroids.clone(), counts.clone()
+    sign = torch.ones(centroids.shape[1], dtype=centroids.dtype, device=centroids.device)
+    sign[1::2] = -1
+    for empty in (counts == 0).nonzero().flatten().tolist():
+        weights = (counts - 1).clamp_min(0)
+        if weights.sum() <= 0:
+            break
+        donor = int(torch.multinomial(weights.cpu().double(), 1, generator=gen))
+        centroids[empty] = centroids[donor] * (1 + SPLIT_EPS * sign)
+        centroids[donor] = centroids[donor] * (1 - SPLIT_EPS * sign)
+        counts[empty] = counts[donor] // 2
+        counts[donor] -= counts[empty]
+    return centroids
+
+
+def lloyd_l2(x: torch.Tensor, centroids: torch.Tensor, niter: int, gen: torch.Generator) -> torch.Tensor:
+    """``niter`` Lloyd iterations in Euclidean distance over every rank's ``x``: assign each point to its
+    nearest centroid, move each centroid to the mean of its points (empty ones: :func:`_split_empty`)."""
+    k, d = centroids.shape
+    for _ in range(niter):
+        assign = _squared_distances(x, centroids).argmin(1)
+        sums = torch.zeros(k, d, dtype=torch.float64, device=x.device).index_add_(0, assign, x.double())
+        counts = torch.bincount(assign, minlength=k).double()
+        dist.all_reduce_sum(sums)
+        dist.all_reduce_sum(counts)
+        means = (sums / counts.clamp_min(1)[:, None]).float()
+        means[counts == 0] = centroids[counts == 0]
+        centroids = _split_empty(means, counts, gen) if (counts == 0).any() else means
+    return centroids
+
+
+def _rows_at(x: torch.Tensor, positions: torch.Tensor, offset: int) -> torch.Tensor:
+    """Rows at global ``positions`` of the concatenation of all ranks' ``x`` (in rank order), on every rank."""
+    out = torch.zeros(len(positions), x.shape[1], dtype=torch.float64, device=x.device)
+    mine = (positions >= offset) & (positions < offset + x.shape[0])
+    out[mine] = x[(positions[mine] - offset).to(x.device)].double()
+    return dist.all_reduce_sum(out).float()
+
+
+def euclidean_kmeans(x: torch.Tensor, k: int, niter: int = 20, nredo: int = 5, seed: int = 0,
+                     max_points_per_centroid: int = 2000) -> KMeansResult:
+    """The original's clustering of the L2-normalised local features ``x`` (n_local, d), jointly with all ranks.
+
+    As faiss trains it: when there are more than ``k * max_points_per_centroid`` points, a random
+    subset of that many; ``nredo`` runs, each from ``k`` distinct random points, of ``niter`` Lloyd
+    iterations; the run with the lowest sum of squared distances wins. Every point is then assigned
+    to its nearest (unnormalised) centroid; the centroids returned are normalised for the loss.
+    """
+    counts = _local_counts(x.shape[0], x.device)
+    n_total, offset = sum(counts), sum(counts[: dist.rank()])
+    if n_total < k:
+        raise ValueError(f"k-means: {n_total} points for {k} clusters")
+    x = F.normalize(x.float(), dim=1)
+    gen = torch.Generator().manual_seed(seed)
+    train = x
+    if n_total > k * max_points_per_centroid:
+        chosen = torch.randperm(n_total, generator=gen)[: k * max_points_per_centroid].sort().values
+        mine = chosen[(chosen >= offset) & (chosen < offset + x.shape[0])] - offset
+        train = x[mine.to(x.device)]
+    train_counts = _local_counts(train.shape[0], x.device)
+    train_offset = sum(train_counts[: dist.rank()])
+    best: tuple[float, torch.Tensor] | None = None
+    for _ in range(nredo):
+        start = _rows_at(train, torch.randperm(sum(train_counts), generator=gen)[:k], train_offset)
+        centroids = lloyd_l2(train, start, niter, gen)
+        objective = float(dist.all_reduce_sum(_squared_distances(train, centroids).min(1).values.double().sum()
+                                              .reshape(1)))
+        if best is None or objective < best[0]:
+            best = (objective, centroids)
+    assert best is not None
+    objective, centroids = best
+    return KMeansResult(F.normalize(centroids, dim=1), _squared_distances(x, centroids).argmin(1), objective)
+
+
+def run_kmeans(kind: str, x: torch.Tensor, k: int, niter: int, nredo: int, seed: int,
+               max_points_per_centroid: int) -> KMeansResult:
+    """``loss.kmeans``: 'euclidean' (the original's faiss k-means) or 'spherical'."""
+    if kind == "euclidean":
+        return euclidean_kmeans(x, k, niter, nredo, seed, max_points_per_centroid)
+    return spherical_kmeans(x, k, niter, nredo, seed)
 
 
 # --------------------------------------------------------------------------- training-time state

@@ -33,6 +33,7 @@ class DataConfig:
     eval_domains: list[str] = field(default_factory=lambda: ["photo", "sketch"])
     image_size: int = 224
     num_threads: int = 4
+    order: Literal["global", "shard"] = "global"
     shuffle_buffer: int = 1024
 
 
@@ -59,6 +60,9 @@ class ModelConfig:
     moco_init: str | None = None
     rgb_only: bool = False
     channels_last: bool = False
+    # BatchNorm statistics: paper = over the whole global batch (the original's one GPU), queries
+    # and keys alike; shuffle = MoCo's shuffle-BN for the keys; local = each rank its own batch
+    bn: Literal["paper", "shuffle", "local"] = "paper"
 
 
 @dataclass
@@ -79,8 +83,10 @@ class LossConfig:
     cluster: bool = True
     cluster_weight: float = 0.1
     num_clusters: int = 7
+    kmeans: Literal["euclidean", "spherical"] = "euclidean"
     kmeans_niter: int = 20
     kmeans_nredo: int = 5
+    kmeans_max_points_per_centroid: int = 2000
 
 
 @dataclass
@@ -188,6 +194,7 @@ _VALUE_RULES: list[tuple[str, typing.Callable[[Any], bool], str]] = [
     ("loss.num_clusters", lambda v: v >= 2, "an integer >= 2"),
     ("loss.kmeans_niter", lambda v: v >= 1, "an integer >= 1"),
     ("loss.kmeans_nredo", lambda v: v >= 1, "an integer >= 1"),
+    ("loss.kmeans_max_points_per_centroid", lambda v: v >= 1, "an integer >= 1"),
     ("optim.lr", lambda v: v > 0, "a number > 0"),
     ("optim.momentum", lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
     ("optim.weight_decay", lambda v: v >= 0, "a number >= 0"),

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from . import dist
 from .checkpoint import Checkpointer, StateFns, list_checkpoints
-from .cluster import ClusterSlot, ClusterState, spherical_kmeans
+from .cluster import ClusterSlot, ClusterState, run_kmeans
 from .config import Config, ConfigError, flatten, from_dict, to_dict, to_yaml
 from .data.fourier import normalize
 from .data.loader import Batch, MultiDomainLoader
@@ -248,8 +248,9 @@ class Trainer:
             domains.append(torch.full_like(idx, d))
         encoder.train(was_training)
         lc = self.cfg.loss
-        result = spherical_kmeans(torch.cat(feats), lc.num_clusters, lc.kmeans_niter, lc.kmeans_nredo,
-                                  derive_seed(self.cfg.train.seed, "kmeans", self.progress.epoch))
+        result = run_kmeans(lc.kmeans, torch.cat(feats), lc.num_clusters, lc.kmeans_niter, lc.kmeans_nredo,
+                            derive_seed(self.cfg.train.seed, "kmeans", self.progress.epoch),
+                            lc.kmeans_max_points_per_centroid)
         sizes = torch.bincount(result.assignments, minlength=lc.num_clusters)
         log.info("epoch %d: k-means objective %.2f, local cluster sizes %s", self.progress.epoch, result.objective,
                  sizes.tolist())

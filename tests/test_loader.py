@@ -6,16 +6,19 @@ import numpy as np
 import torch
 
 from dgucdir.config import load_config
-from dgucdir.data.loader import MultiDomainLoader, eval_batches, proportional_split, random_derangement
+from dgucdir.data.loader import MultiDomainLoader, eval_batches, random_derangement
 from dgucdir.data.manifest import Manifest
+from dgucdir.data.order import cycled, rank_share
 from dgucdir.data.pipeline import PipelineSpec, partner_pipeline, train_pipeline
+from dgucdir.data.reader import IndexedSource, SampleReader
 
 CPU = torch.device("cpu")
 
 
-def _loader(manifest, rank=0, world=1, seed=0, batch=16, size=48):
+def _loader(manifest, rank=0, world=1, seed=0, batch=16, size=48, order="global"):
     cfg = load_config(None, ["data.train_domains=[ink,photo]", "data.eval_domains=[neon,sketch]", "augment.hpf_range=10",
-                             f"train.seed={seed}", "data.shuffle_buffer=128", f"data.image_size={size}"])
+                             f"train.seed={seed}", "data.shuffle_buffer=128", f"data.image_size={size}",
+                             f"data.order={order}"])
     return MultiDomainLoader(cfg, Manifest.load(manifest), batch, PipelineSpec(size, rank, world, None, 1), CPU)
 
 
@@ -50,17 +53,54 @@ def test_same_seed_same_batches_and_exact_start_step(demo_manifest):
     assert not torch.equal(a[0].index, d[0].index)
 
 
-def test_two_ranks_read_disjoint_shards(demo_manifest):
+def test_with_shard_order_two_ranks_read_disjoint_fixed_shards(demo_manifest):
     idx = []
     for rank in (0, 1):
-        loader = _loader(demo_manifest, rank=rank, world=2, batch=8)
-        seen = set()
-        for b in loader.epoch(0):
-            seen |= set((b.domain * 10000 + b.index).tolist())
-        idx.append(seen)
+        seen = []
+        for epoch in (0, 1):
+            loader = _loader(demo_manifest, rank=rank, world=2, batch=8, order="shard")
+            seen.append({(d, i) for b in loader.epoch(epoch) for d, i in zip(b.domain.tolist(), b.index.tolist())})
+        assert seen[0] == seen[1]  # the same share every epoch: what data.order=global changes
+        idx.append(seen[0])
     assert not idx[0] & idx[1]
     m = Manifest.load(demo_manifest)
     assert len(idx[0] | idx[1]) == m.domain("ink").count + m.domain("photo").count
+
+
+def test_rank_shares_are_a_fresh_global_shuffle_each_epoch():
+    """DistributedSampler(shuffle=True) + set_epoch: W disjoint shares covering everything, padded with the
+    permutation's own first items to a multiple of W, and another split every epoch."""
+    count, world = 103, 4
+    shares = {e: [rank_share(count, e, 0, "ink", r, world) for r in range(world)] for e in (0, 1)}
+    for e, parts in shares.items():
+        assert [len(p) for p in parts] == [26] * 4  # ceil(103 / 4)
+        flat = torch.stack(parts, 1).reshape(-1)  # rank r holds positions r, r+W, ...: the reading order
+        assert sorted(flat[:count].tolist()) == list(range(count))  # one permutation ...
+        assert flat[count:].tolist() == flat[: 104 - count].tolist()  # ... padded with its first item
+    assert shares[0][0].tolist() != shares[1][0].tolist()  # rank 0's share changes between epochs
+    assert set(shares[0][0].tolist()) != set(shares[1][0].tolist())
+    assert torch.equal(rank_share(count, 1, 0, "ink", 2, world), shares[1][2])  # a function of (seed, epoch)
+    assert rank_share(count, 1, 1, "ink", 2, world).tolist() != shares[1][2].tolist()
+    assert rank_share(count, 1, 0, "photo", 2, world).tolist() != shares[1][2].tolist()
+    assert cycled(torch.tensor([5, 6, 7]), 8).tolist() == [5, 6, 7, 5, 6, 7, 5, 6]
+
+
+def test_two_ranks_read_every_sample_of_an_epoch_and_other_shares_the_next(demo_manifest):
+    m = Manifest.load(demo_manifest)
+    counts = {0: m.domain("ink").count, 1: m.domain("photo").count}
+    seen = {}
+    for epoch in (0, 1):
+        for rank in (0, 1):
+            loader = _loader(demo_manifest, rank=rank, world=2, batch=8)
+            batches = list(loader.epoch(epoch))
+            seen[epoch, rank] = {(d, i) for b in batches for d, i in zip(b.domain.tolist(), b.index.tolist())}
+            order = [i for b in batches for i in b.index[b.domain == 0].tolist()]
+            want = cycled(rank_share(counts[0], epoch, 0, "ink", rank, 2), len(order))
+            assert order == want.tolist()  # read in the share's order
+        both = seen[epoch, 0] | seen[epoch, 1]
+        assert both == {(d, i) for d in (0, 1) for i in range(counts[d])}
+        assert len(seen[epoch, 0] & seen[epoch, 1]) <= 2  # only the padding: one item per odd-sized domain
+    assert seen[0, 0] != seen[1, 0] and len(seen[0, 0] & seen[1, 0]) < 0.7 * len(seen[0, 0])
 
 
 def test_eval_pipeline_each_sample_once_across_two_ranks_in_order(demo_manifest):
@@ -99,37 +139,26 @@ def test_random_derangement_has_no_fixed_points():
         assert sorted(p.tolist()) == list(range(n)) and not (p == torch.arange(n)).any()
 
 
-def test_proportional_split_by_hand():
-    assert proportional_split(16, [450, 450]) == [8, 8]
-    assert proportional_split(7, [100, 50, 50]) == [3, 2, 2]  # shares 3.5, 1.75, 1.75: largest remainders
-    assert proportional_split(32, [1000, 10]) == [32, 0]  # 31.68 + 0.32
-    for total, sizes in [(64, [3, 5, 7]), (10, [1, 1, 1]), (128, [4000, 2000, 1])]:
-        counts = proportional_split(total, sizes)
-        assert sum(counts) == total
-        assert all(abs(c - total * s / sum(sizes)) < 1 for c, s in zip(counts, sizes))
-
-
-def test_partners_are_raw_resized_images_from_the_whole_domain(demo_manifest):
-    """Un-augmented (equal to a plain bicubic resize of the stored image) and read from every rank's
-    shard of the domain, not only this rank's."""
+def test_partners_are_raw_resized_images_read_by_index(demo_manifest):
+    """Un-augmented: equal to a plain bicubic resize of the stored image, read in the order asked for."""
     import io
 
     from PIL import Image
 
-    dom = Manifest.load(demo_manifest).domain("photo")
-    records = {r.index: r for r in dom.samples()}
-    pipe = partner_pipeline(dom, PipelineSpec(40, 1, 2, None, 1), 64, seed=3, initial_fill=64)
-    seen = set()
-    for _ in range(-(-dom.count // 64) + 1):
-        images, index = pipe.run()
-        images, index = np.array(images.as_tensor()).astype(float), np.array(index.as_tensor()).ravel()
-        seen |= set(index.tolist())
-    for img, i in zip(images[:8], index[:8]):
-        with Image.open(io.BytesIO(dom.read_image_bytes(records[int(i)]))) as src:
+    m = Manifest.load(demo_manifest)
+    domains = [m.domain("ink"), m.domain("photo")]
+    records = [{r.index: r for r in d.samples()} for d in domains]
+    want_domain, want_index = [1, 0, 1, 1, 0, 0, 1, 0], [5, 17, 300, 5, 0, 399, 2, 44]
+    pipe = partner_pipeline(IndexedSource(SampleReader(domains), want_domain, want_index, 8, ("encoded", "index", "domain")),
+                            PipelineSpec(40, 1, 2, None, 1), seed=3)
+    images, domain, index = pipe.run()
+    images = np.array(images.as_tensor()).astype(float)
+    assert np.array(domain.as_tensor()).ravel().tolist() == want_domain
+    assert np.array(index.as_tensor()).ravel().tolist() == want_index
+    for img, d, i in zip(images, want_domain, want_index):
+        with Image.open(io.BytesIO(domains[d].read_image_bytes(records[d][i]))) as src:
             want = np.asarray(src.convert("RGB").resize((40, 40), Image.BICUBIC), float).transpose(2, 0, 1)
         assert img.shape == (3, 40, 40) and np.abs(img - want).mean() < 4  # DALI's cubic vs PIL's: a few levels
-    assert len(seen) > 0.9 * dom.count  # rank 1 of 2 draws partners from both halves of the domain
-    assert min(seen) < dom.count // 2 <= max(seen)
 
 
 def test_fourier_off_or_zero_strength_leaves_the_views_alone(demo_manifest):

@@ -1,4 +1,4 @@
-"""The DG-UCDIR module: a full step on CPU with 1 and 2 gloo ranks, momentum rule, shuffle-BN."""
+"""The DG-UCDIR module: a full step on CPU with 1 and 2 gloo ranks, momentum rule, BatchNorm modes."""
 
 import copy
 
@@ -9,13 +9,13 @@ from distributed import run_distributed
 B, SIZE = 8, 64
 
 
-def _model(rank_batch=B, **loss):
+def _model(rank_batch=B, bn="paper", **loss):
     from dgucdir.config import LossConfig, ModelConfig
     from dgucdir.model.dgucdir import DGUCDIR
 
     torch.manual_seed(0)
-    return DGUCDIR(ModelConfig(arch="resnet_narrow", momentum=0.9), LossConfig(queue_size=32, **loss), 2, rank_batch,
-                   torch.device("cpu"))
+    return DGUCDIR(ModelConfig(arch="resnet_narrow", momentum=0.9, bn=bn), LossConfig(queue_size=32, **loss), 2,
+                   rank_batch, torch.device("cpu"))
 
 
 def _batch(seed, n=B):
@@ -231,3 +231,70 @@ def test_search_cache_key_follows_the_encoder_weights_only(demo_manifest):
         next(b.parameters()).view(-1)[0] += 1e-3
     assert gallery_cache_key(a, manifest, "sketch", 64) != gallery_cache_key(b, manifest, "sketch", 64)
     assert gallery_cache_key(a, manifest, "sketch", 64) != gallery_cache_key(a, manifest, "sketch", 32)
+
+
+STEPS, GLOBAL = 3, 16  # per domain: 8 samples a step, 4 on each of 2 ranks
+
+
+def _global_batch(step):
+    """A step's global batch, rank-major: rank 0's 4 + 4 samples of domains 0 and 1, then rank 1's."""
+    from dgucdir.data.loader import Batch
+
+    g = torch.Generator().manual_seed(100 + step)
+    views = [torch.randn(GLOBAL, 3, SIZE, SIZE, generator=g) for _ in range(4)]
+    domain = torch.tensor([0] * 4 + [1] * 4 + [0] * 4 + [1] * 4)
+    return Batch(*views, domain, torch.arange(GLOBAL) + 100 * step, torch.arange(GLOBAL) % 5)
+
+
+def _rows(batch, rows):
+    from dgucdir.data.loader import Batch
+
+    return Batch(*(t[rows] for t in (batch.q_phase, batch.k_phase, batch.q_rgb, batch.k_rgb, batch.domain,
+                                     batch.index, batch.label)))
+
+
+def _train(model, batches, ddp=False):
+    """STEPS SGD steps; returns each step's loss and the final query-encoder weights."""
+    net = torch.nn.parallel.DistributedDataParallel(model) if ddp else model
+    opt = torch.optim.SGD(model.encoder_q.parameters(), lr=0.05)
+    losses = []
+    for batch in batches:
+        out = net(batch)
+        out["loss"].backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(out["loss"].detach()))
+    return losses, torch.cat([p.detach().flatten() for p in model.encoder_q.parameters()])
+
+
+def _two_rank_training(bn):
+    from dgucdir import dist
+
+    model = _model(rank_batch=GLOBAL // 2, bn=bn)
+    queues = (model.rgb_queue.keys.clone(), model.phase_queue.keys.clone())
+    rows = torch.arange(8) + 8 * dist.rank()
+    losses, weights = _train(model, [_rows(_global_batch(s), rows) for s in range(STEPS)], ddp=True)
+    return losses, weights, queues
+
+
+def _one_process(bn, shards):
+    """The same model on one process, its queues the two ranks' shards interleaved in blocks of one rank's
+    enqueue (4 per domain), so that its FIFO evicts and refills exactly the keys the two shards do."""
+    model = _model(rank_batch=GLOBAL, bn=bn)
+    for queue, parts in ((model.rgb_queue, [q[0] for q in shards]), (model.phase_queue, [q[1] for q in shards])):
+        blocks = [torch.stack([p[:, i:i + 4] for p in parts], 1).flatten(1, 2) for i in range(0, parts[0].shape[1], 4)]
+        queue.keys.copy_(torch.cat(blocks, 1))
+    return _train(model, [_global_batch(s) for s in range(STEPS)])
+
+
+def test_paper_batchnorm_two_processes_train_as_one_on_the_same_global_batch():
+    """model.bn=paper: BatchNorm over the whole global batch, so 2 ranks give the one-process losses
+    (the mean of the ranks' losses) and weights, step after step; per-rank BatchNorm does not."""
+    (l0, w0, q0), (l1, w1, q1) = run_distributed(_two_rank_training, 2, "paper")
+    torch.testing.assert_close(w0, w1, rtol=0, atol=0)
+    one_losses, one_weights = _one_process("paper", [q0, q1])
+    torch.testing.assert_close(torch.tensor(l0 + l1).view(2, -1).mean(0), torch.tensor(one_losses), rtol=0, atol=2e-5)
+    torch.testing.assert_close(w0, one_weights, rtol=0, atol=2e-5)
+    (m0, _, p0), (m1, _, p1) = run_distributed(_two_rank_training, 2, "local")  # the control: statistics per rank
+    local_mean = torch.tensor(m0 + m1).view(2, -1).mean(0)
+    assert (local_mean - torch.tensor(_one_process("local", [p0, p1])[0])).abs().max() > 1e-3

@@ -7,15 +7,19 @@ step s of an epoch therefore needs no DALI checkpoint: the pipelines are rebuilt
 are read and dropped, which reproduces the uninterrupted run exactly (at the cost of reading
 at most one epoch's data again).
 
+Reading order (``data.order``):
+- ``global`` (default, as the original's ``DistributedSampler``): every epoch a fresh permutation of
+  each domain, split across ranks (:mod:`.order`); samples are read by index (:mod:`.reader`).
+- ``shard``: each rank reads its fixed contiguous shard of every domain, shuffled in a buffer of
+  ``data.shuffle_buffer`` samples around the order fixed at pack time (kept for comparison).
+
 Fourier partners (``augment.partner``):
 - ``per_view_raw`` (default, as the original): every view gets its *own* partner, a raw training image
-  (decoded, resized to the training size, no augmentation) drawn from the training images of all
-  training domains. Each rank reads partners from the *whole* of every training domain (not its
-  data shard) through one extra DALI pipeline per domain; the 2B partners of a step are split
-  over the domains in proportion to their sizes and then shuffled, so a view's partner is any
-  training image with (nearly) equal probability, as ``random.randint`` over all images is.
-- ``shared_batch`` (the earlier behaviour, kept for the ablation): both views of a sample share one
-  partner, another sample's MoCo-augmented view from the same rank's batch.
+  (decoded, resized to the training size, no augmentation) drawn uniformly with replacement from
+  the training images of all training domains, as the original's ``random.randint`` over all
+  images. A rank reads them by index from the whole data set, through one extra DALI pipeline.
+- ``shared_batch`` (kept for the ablation): both views of a sample share one partner, another
+  sample's MoCo-augmented view from the same rank's batch.
 """
 
 from __future__ import annotations
@@ -32,7 +36,9 @@ from ..config import Config
 from ..seeding import derive_seed
 from .fourier import FourierAugment, normalize
 from .manifest import Domain, Manifest
+from .order import cycled, rank_share
 from .pipeline import READER_NAME, PipelineSpec, eval_pipeline, partner_pipeline, train_pipeline
+from .reader import IndexedSource, SampleReader
 
 
 def dali_to_torch(tensor_list, device: torch.device) -> torch.Tensor:
@@ -77,8 +83,8 @@ class MultiDomainLoader:
         self.augment = FourierAugment.from_config(cfg.augment)
         self.fourier_mix = cfg.augment.fourier
         self.raw_partners = cfg.augment.fourier and cfg.augment.partner == "per_view_raw"
-        self.partner_counts = proportional_split(2 * rank_batch, [d.count for d in self.domains])
-        self.partner_domains = [d for d, n in enumerate(self.partner_counts) if n > 0]  # one pipeline each
+        self.global_order = cfg.data.order == "global"
+        self.reader = SampleReader(self.domains) if self.global_order or self.raw_partners else None
         self.seed = cfg.train.seed
         self.device = device
         self.shuffle_buffer = cfg.data.shuffle_buffer
@@ -88,22 +94,36 @@ class MultiDomainLoader:
         self.data_wait_s = 0.0  # time spent waiting for DALI, accumulated; the trainer reads it
 
     def _pipelines(self, epoch: int) -> list:
-        return [
-            train_pipeline(
-                d, self.spec, self.per_domain, derive_seed(self.seed, epoch, self.spec.shard_id, d.name),
-                min(self.shuffle_buffer, d.count), self.crop_scale_min,
-            )
-            for d in self.domains
-        ]
+        pipes = []
+        for d, domain in enumerate(self.domains):
+            seed = derive_seed(self.seed, epoch, self.spec.shard_id, domain.name)
+            source = None
+            if self.global_order:
+                share = rank_share(domain.count, epoch, self.seed, domain.name, self.spec.shard_id, self.spec.num_shards)
+                order = cycled(share, self.steps_per_epoch * self.per_domain)
+                source = IndexedSource(self.reader, [d] * len(order), order.tolist(), self.per_domain,
+                                       ("encoded", "label", "index"))
+            pipes.append(train_pipeline(domain, self.spec, self.per_domain, seed, min(self.shuffle_buffer, domain.count),
+                                        self.crop_scale_min, source))
+        return pipes
+
+    def partner_draws(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(domain, index) of this epoch's raw partners, 2 per sample and step, uniform over all training images."""
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, epoch, self.spec.shard_id, "partners"))
+        counts = torch.tensor([d.count for d in self.domains])
+        flat = torch.randint(int(counts.sum()), (self.steps_per_epoch * 2 * self.per_domain * len(self.domains),),
+                             generator=generator)
+        starts = torch.cumsum(counts, 0) - counts
+        domain = torch.searchsorted(torch.cumsum(counts, 0), flat, right=True)
+        return domain, flat - starts[domain]
 
     def _partner_pipelines(self, epoch: int) -> list:
         if not self.raw_partners:
             return []
-        return [
-            partner_pipeline(d, self.spec, n, derive_seed(self.seed, epoch, self.spec.shard_id, d.name, "partner"),
-                             min(self.shuffle_buffer, d.count))
-            for d, n in zip(self.domains, self.partner_counts) if n > 0
-        ]
+        domain, index = self.partner_draws(epoch)
+        source = IndexedSource(self.reader, domain.tolist(), index.tolist(), 2 * self.per_domain * len(self.domains),
+                               ("encoded", "index", "domain"))
+        return [partner_pipeline(source, self.spec, derive_seed(self.seed, epoch, self.spec.shard_id, "partner"))]
 
     def epoch(self, epoch: int, start_step: int = 0, num_steps: int | None = None) -> Iterator[Batch]:
         """Batches of ``epoch`` from ``start_step`` (exact resume) to ``num_steps`` (default: all)."""
@@ -127,21 +147,17 @@ class MultiDomainLoader:
             label.append(dali_to_torch(out[2], self.device).view(-1).long())
             index.append(dali_to_torch(out[3], self.device).view(-1).long())
             domain.append(torch.full_like(index[-1], d))
-        raw, raw_index = [], []
-        for p in partner_pipes:
-            images, idx = p.run()
-            raw.append(dali_to_torch(images, self.device))
-            raw_index.append(dali_to_torch(idx, torch.device("cpu")).view(-1).long())
+        raw = [p.run() for p in partner_pipes]
         self.data_wait_s += time.perf_counter() - t0
         x1, x2 = torch.cat(v1), torch.cat(v2)
         gen = torch.Generator().manual_seed(derive_seed(self.seed, epoch, self.spec.shard_id, step, "fourier"))
         q_rgb, k_rgb = x1.float(), x2.float()
         partner_domain = partner_index = torch.full((2 * len(x1),), -1)
         if self.raw_partners:
-            order = torch.randperm(2 * len(x1), generator=gen)
-            partners = torch.cat(raw)[order.to(self.device)]
-            partner_domain = torch.cat([torch.full_like(i, d) for d, i in zip(self.partner_domains, raw_index)])[order]
-            partner_index = torch.cat(raw_index)[order]
+            (images, partner_domain, partner_index), = raw
+            partners = dali_to_torch(images, self.device)
+            partner_domain = dali_to_torch(partner_domain, torch.device("cpu")).view(-1).long()
+            partner_index = dali_to_torch(partner_index, torch.device("cpu")).view(-1).long()
             q_rgb = self.augment.mix(x1, partners[: len(x1)], *self.augment.sample_lambdas(len(x1), gen))
             k_rgb = self.augment.mix(x2, partners[len(x1):], *self.augment.sample_lambdas(len(x2), gen))
         elif self.fourier_mix:
@@ -151,17 +167,6 @@ class MultiDomainLoader:
         q_phase, k_phase = self.augment.phase_image(x1), self.augment.phase_image(x2)
         return Batch(normalize(q_phase), normalize(k_phase), normalize(q_rgb), normalize(k_rgb),
                      torch.cat(domain), torch.cat(index), torch.cat(label), partner_domain, partner_index)
-
-
-def proportional_split(total: int, sizes: list[int]) -> list[int]:
-    """``total`` split over parts in proportion to ``sizes``, largest remainders first; sums to ``total``."""
-    all_items = sum(sizes)
-    shares = [total * s / all_items for s in sizes]
-    counts = [math.floor(x) for x in shares]
-    by_remainder = sorted(range(len(sizes)), key=lambda i: (counts[i] - shares[i], i))
-    for i in by_remainder[: total - sum(counts)]:
-        counts[i] += 1
-    return counts
 
 
 def random_derangement(n: int, generator: torch.Generator) -> torch.Tensor:

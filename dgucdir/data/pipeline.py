@@ -16,6 +16,7 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 
 from .manifest import IMAGE_EXTS, INDEX_EXT, LABEL_EXT, Domain
+from .reader import IndexedSource
 
 READER_NAME = "Reader"
 
@@ -123,14 +124,29 @@ class PipelineSpec:
         return cls(image_size, rank, world, device_id, num_threads)
 
 
+def _indexed(source: IndexedSource):
+    """The source's fields (encoded bytes first), in its order."""
+    dtypes = {"encoded": types.UINT8, "label": types.INT32, "index": types.INT32, "domain": types.INT32}
+    return fn.external_source(source=source, num_outputs=len(source.fields), batch=True,
+                              dtype=[dtypes[f] for f in source.fields])
+
+
 def train_pipeline(domain: Domain, spec: PipelineSpec, batch_size: int, seed: int, initial_fill: int,
-                   crop_scale_min: float = 0.2):
-    """Reads one training domain (this rank's shard), outputs (view1, view2, label, index)."""
+                   crop_scale_min: float = 0.2, source: IndexedSource | None = None):
+    """One training domain, outputs (view1, view2, label, index).
+
+    Read in ``source``'s order (fields encoded, label, index; ``data.order=global``: this epoch's share of a global shuffle), or,
+    without one, by the shard reader: this rank's fixed contiguous shard, shuffled in a buffer of
+    ``initial_fill`` (``data.order=shard``).
+    """
 
     @pipeline_def(batch_size=batch_size, num_threads=spec.num_threads, device_id=spec.device_id, seed=seed,
                   prefetch_queue_depth=2, exec_dynamic=True)
     def pipe():
-        encoded, label, index = _reader(domain, spec.shard_id, spec.num_shards, True, initial_fill, seed)
+        if source is not None:
+            encoded, label, index = _indexed(source)
+        else:
+            encoded, label, index = _reader(domain, spec.shard_id, spec.num_shards, True, initial_fill, seed)
         images = _decode(encoded, spec.on_gpu)
         v1 = moco_v2_view(images, spec.image_size, crop_scale_min)
         v2 = moco_v2_view(images, spec.image_size, crop_scale_min)
@@ -141,20 +157,19 @@ def train_pipeline(domain: Domain, spec: PipelineSpec, batch_size: int, seed: in
     return p
 
 
-def partner_pipeline(domain: Domain, spec: PipelineSpec, batch_size: int, seed: int, initial_fill: int):
-    """Raw training images of one domain as Fourier partners: decoded, resized to the square training
-    size (bicubic, aspect not kept, as the original's PIL ``resize(img.size)``), no augmentation.
+def partner_pipeline(source: IndexedSource, spec: PipelineSpec, seed: int):
+    """Raw training images as Fourier partners, in ``source``'s order (fields encoded, index, domain):
+    decoded, resized to the square training size (bicubic, aspect not kept, as the original's PIL
+    ``resize(img.size)``), no augmentation. Outputs (image, domain, index)."""
 
-    Reads the *whole* domain on every rank (not this rank's shard), shuffled by its own seed.
-    """
-
-    @pipeline_def(batch_size=batch_size, num_threads=spec.num_threads, device_id=spec.device_id, seed=seed,
+    @pipeline_def(batch_size=source.batch_size, num_threads=spec.num_threads, device_id=spec.device_id, seed=seed,
                   prefetch_queue_depth=2, exec_dynamic=True)
     def pipe():
-        encoded, _, index = _reader(domain, 0, 1, True, initial_fill, seed)
+        encoded, index, domain = _indexed(source)
         images = fn.resize(_decode(encoded, spec.on_gpu), size=[spec.image_size, spec.image_size],
                            interp_type=types.INTERP_CUBIC, antialias=True)
-        return fn.crop_mirror_normalize(images, dtype=types.UINT8, output_layout="CHW", mean=[0.0], std=[1.0]), index
+        return (fn.crop_mirror_normalize(images, dtype=types.UINT8, output_layout="CHW", mean=[0.0], std=[1.0]),
+                domain, index)
 
     p = pipe()
     p.build()

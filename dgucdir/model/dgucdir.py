@@ -1,4 +1,4 @@
-"""The DG-UCDIR module: query/key encoders, momentum update, shuffle-BN, the five losses.
+"""The DG-UCDIR module: query/key encoders, momentum update, BatchNorm modes, the five losses.
 
 Shaped after MoCo's builder: each mechanism is one short method. ``forward`` returns named
 losses and accuracies (no positional slicing of concatenated logits) and enqueues the new
@@ -19,6 +19,7 @@ from ..cluster import ClusterTargets
 from ..config import LossConfig, ModelConfig
 from ..data.loader import Batch
 from ..seeding import derive_seed
+from .batchnorm import to_global_batchnorm
 from .encoder import Encoder
 from .queue import ShardedQueue, sample_ids
 
@@ -30,6 +31,8 @@ class DGUCDIR(nn.Module):
         self.model_cfg = model_cfg
         self.loss_cfg = loss_cfg
         self.encoder_q = Encoder(model_cfg.arch, model_cfg.proj_dim)
+        if model_cfg.bn == "paper" and dist.world_size() > 1:  # one batch over all ranks, as on one GPU
+            to_global_batchnorm(self.encoder_q)
         self.encoder_k = copy.deepcopy(self.encoder_q)
         for p in self.encoder_k.parameters():
             p.requires_grad_(False)
@@ -41,6 +44,7 @@ class DGUCDIR(nn.Module):
         self.phase_queue = None if model_cfg.rgb_only else ShardedQueue(
             queue_domains, loss_cfg.queue_size, model_cfg.proj_dim, per_domain, device, seed + 1)
         self.step = 0  # drives the shuffle-BN permutation; saved with the training state
+        self.shuffle_bn = model_cfg.bn == "shuffle"
 
     @property
     def feature_dim(self) -> int:
@@ -53,6 +57,13 @@ class DGUCDIR(nn.Module):
         k_params = list(self.encoder_k.parameters())
         torch._foreach_mul_(k_params, m)
         torch._foreach_add_(k_params, [p.detach() for p in self.encoder_q.parameters()], alpha=1 - m)
+
+    @torch.no_grad()
+    def keys(self, x: torch.Tensor) -> torch.Tensor:
+        """Key projections of this rank's key views. ``model.bn=paper``: BatchNorm over the whole global
+        key batch (one call with one process, global statistics across ranks); ``local``: over this
+        rank's keys; ``shuffle``: :meth:`shuffled_keys`."""
+        return self.shuffled_keys(x) if self.shuffle_bn else self.encoder_k(x)[0]
 
     @torch.no_grad()
     def shuffled_keys(self, x: torch.Tensor) -> torch.Tensor:
@@ -93,7 +104,7 @@ class DGUCDIR(nn.Module):
         with torch.no_grad():
             self.momentum_update()
             k_in = batch.k_rgb if rgb_only else torch.cat([batch.k_phase, batch.k_rgb])
-            k = self.shuffled_keys(self._prep(k_in))
+            k = self.keys(self._prep(k_in))
 
         out: dict[str, torch.Tensor] = {}
         if rgb_only:
