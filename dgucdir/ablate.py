@@ -36,6 +36,13 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "no_cluster": ("no cluster-wise contrastive loss", ["loss.cluster=false"]),
     "rgb_only": ("plain MoCo on RGB views: no phase branch, no Fourier, no clusters",
                  ["model.rgb_only=true", "augment.fourier=false", "loss.cluster=false"]),
+    "shard_order": ("each rank its fixed shard, buffer-shuffled (not a fresh global shuffle per epoch)",
+                    ["data.order=shard"]),
+    "shuffle_bn": ("MoCo shuffle-BN for the keys (not BatchNorm over the whole batch)", ["model.bn=shuffle"]),
+    "spherical_kmeans": ("spherical k-means with k-means++ (not the original's Euclidean faiss k-means)",
+                         ["loss.kmeans=spherical"]),
+    "before_fidelity": ("the three together: the behaviour before data order, BatchNorm and k-means followed "
+                        "the original", ["data.order=shard", "model.bn=shuffle", "loss.kmeans=spherical"]),
 }
 STANDARD = ("full", "no_fourier", "no_phase_mix", "rgb_only", "no_cluster")  # the paper's ablations
 METRICS = ("P@1", "mAP@All")
