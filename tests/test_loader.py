@@ -198,3 +198,51 @@ def test_each_view_has_its_own_partner_from_every_domain_and_shard_and_resume_re
         assert torch.equal(b.q_rgb, r.q_rgb) and torch.equal(b.k_rgb, r.k_rgb)
     other_seed = next(_loader(demo_manifest, rank=1, world=2, batch=16, seed=1).epoch(1))
     assert not torch.equal(other_seed.partner_index, batches[0].partner_index)
+
+
+def test_colour_jitter_scales_contrast_around_the_image_mean_as_torchvision():
+    """On a sketch-like image (white background, dark strokes) the jitter's brightness, contrast and
+    saturation match torchvision's adjust_* on the same factors to about a grey level; scaling the
+    contrast around 128 instead (DALI's colour_twist) is off by several."""
+    import torchvision.transforms.functional as TF
+    from nvidia.dali import fn, pipeline_def
+
+    from dgucdir.data import pipeline as dgp
+
+    rng = np.random.default_rng(0)
+    images = []
+    for _ in range(8):
+        img = np.full((48, 48, 3), 245, np.uint8)
+        for _ in range(5):
+            r, c = rng.integers(4, 44, 2)
+            img[r - 2:r + 2, max(c - 15, 0):c + 4] = rng.integers(0, 80)
+        images.append(img)
+    b, c, s = (rng.uniform(0.6, 1.4, 8).astype(np.float32) for _ in range(3))
+
+    drawn = iter((b, c, s))  # the jitter asks for its factors in this order
+
+    def factors(_strength, _apply):
+        values = next(drawn)
+        return fn.external_source(source=lambda: [np.float32(v) for v in values], batch=True)
+
+    @pipeline_def(batch_size=8, num_threads=1, device_id=None, seed=0)
+    def pipe():
+        x = fn.external_source(source=lambda: images, batch=True, layout="HWC")
+        return dgp.color_jitter_and_grayscale(x, p_jitter=1.0, p_gray=0.0), fn.color_twist(
+            x, brightness=fn.external_source(source=lambda: list(b), batch=True),
+            contrast=fn.external_source(source=lambda: list(c), batch=True),
+            saturation=fn.external_source(source=lambda: list(s), batch=True))
+
+    original = dgp._jitter_factor
+    dgp._jitter_factor = factors
+    try:
+        p = pipe()
+        p.build()
+        ours, around_128 = (np.stack([np.array(t) for t in out]).astype(float) for out in p.run())
+    finally:
+        dgp._jitter_factor = original
+    want = np.stack([TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(
+        torch.from_numpy(img).permute(2, 0, 1), bi), ci), si).permute(1, 2, 0).numpy()
+        for img, bi, ci, si in zip(images, b, c, s)]).astype(float)
+    assert np.abs(ours - want).mean() < 2.0  # grey images: the hue draw changes nothing
+    assert np.abs(around_128 - want).mean() > 5.0

@@ -56,19 +56,20 @@ def _jitter_factor(strength: float, apply):
 def color_jitter_and_grayscale(images, p_jitter: float = 0.8, p_gray: float = 0.2):
     """torchvision ColorJitter(0.4, 0.4, 0.4, 0.1) with p=0.8, then RandomGrayscale(p=0.2).
 
-    Hue 0.1 of a turn is 36 degrees. Grayscale after the jitter is saturation 0, so both fold
-    into one colour-twist call.
+    Contrast is scaled around each image's mean grey, as torchvision's ``adjust_contrast`` does
+    (DALI's ``color_twist`` scales around 128, which on white-background domains also darkens
+    the image). Brightness then contrast is one ``brightness_contrast`` call: b * (m + c * (x - m))
+    equals torchvision's brightness followed by contrast up to clamping. Saturation and hue follow
+    in one ``hsv`` call; the four run in this fixed order (torchvision draws a random order). Hue
+    0.1 of a turn is 36 degrees. Grayscale after the jitter is saturation 0, so it folds in.
     """
     apply = _coin(p_jitter)
     gray = _coin(p_gray)
-    hue = apply * fn.random.uniform(range=[-36.0, 36.0])
-    return fn.color_twist(
-        images,
-        brightness=_jitter_factor(0.4, apply),
-        contrast=_jitter_factor(0.4, apply),
-        saturation=_jitter_factor(0.4, apply) * (1.0 - gray),
-        hue=hue,
-    )
+    mean_grey = fn.reductions.mean(fn.color_space_conversion(images, image_type=types.RGB, output_type=types.GRAY))
+    images = fn.brightness_contrast(images, brightness=_jitter_factor(0.4, apply),
+                                    contrast=_jitter_factor(0.4, apply), contrast_center=mean_grey)
+    return fn.hsv(images, saturation=_jitter_factor(0.4, apply) * (1.0 - gray),
+                  hue=apply * fn.random.uniform(range=[-36.0, 36.0]))
 
 
 def gaussian_blur(images, p: float = 0.5, sigma_range: tuple[float, float] = (0.1, 2.0)):
