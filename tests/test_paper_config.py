@@ -37,7 +37,7 @@ def paper_setup(tmp_path_factory):
     from dgucdir.bench import write_bench_photos
 
     tmp = tmp_path_factory.mktemp("paper")
-    manifest = write_bench_photos(tmp / "photos", 16)  # 4 domains x 16 photo-sized JPEGs
+    manifest = write_bench_photos(tmp / "photos", 8)  # 4 domains x 8 photo-sized JPEGs
     weights = write_moco_v2_checkpoint(tmp / "moco_v2_800ep_pretrain.pth.tar")
     return tmp, manifest, weights
 
@@ -45,7 +45,7 @@ def paper_setup(tmp_path_factory):
 def overrides(tmp, manifest, name: str) -> list[str]:
     return [f"data.manifest={manifest}", "data.train_domains=[warm,cool]", "data.eval_domains=[dim,bright]",
             "data.num_threads=1", f"model.moco_init={tmp / 'moco_v2_800ep_pretrain.pth.tar'}",
-            "train.batch_size=8", "loss.queue_size=16", "train.epochs=2", "train.max_steps_per_epoch=2",
+            "train.batch_size=4", "loss.queue_size=8", "train.epochs=2", "train.max_steps_per_epoch=2",
             "train.warmup_epochs=1", "train.checkpoint_every=1", "train.log_every=1",
             f"train.output_dir={tmp / name}", "tracking.experiment=tiny", f"tracking.uri=sqlite:///{tmp / name / 'mlruns.db'}"]
 
