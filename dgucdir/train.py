@@ -32,8 +32,8 @@ from tqdm import tqdm
 from . import dist
 from .checkpoint import Checkpointer, StateFns, list_checkpoints
 from .cluster import ClusterSlot, ClusterState, run_kmeans
+from .cluster_features import training_features
 from .config import Config, ConfigError, flatten, from_dict, to_dict, to_yaml
-from .data.fourier import normalize
 from .data.loader import Batch, MultiDomainLoader
 from .data.manifest import Manifest
 from .data.pipeline import PipelineSpec
@@ -42,7 +42,7 @@ from .metric_window import MetricWindow
 from .model.dgucdir import DGUCDIR
 from .model.encoder import load_moco_v2
 from .model.loading import save_encoder
-from .retrieval import EvalReport, embed_local, evaluate
+from .retrieval import EvalReport, evaluate
 from .runtime import moco_init_path, validate_runtime
 from .seeding import ProcessRNG, derive_seed, seed_process
 from .tracking import Tracker, run_tags
@@ -232,29 +232,16 @@ class Trainer:
     @torch.no_grad()
     def compute_clusters(self) -> ClusterState:
         """k-means on the pooled features of the training images' colour phase images; each rank embeds its shard."""
-        encoder = self.core.encoder_q
-        dist.broadcast_buffers(encoder)  # every rank embeds with the model a checkpoint holds
-        was_training = encoder.training
-        encoder.eval()
-        augment = self.loader.augment
-        # colour phase images, as the original clusters (its training proxy is the grayscale one)
-        transform = None if self.cfg.model.rgb_only else (lambda x: normalize(augment.color_phase_image(x)))
-        feats, domains, indices = [], [], []
-        for d, name in enumerate(self.cfg.data.train_domains):
-            f, _, idx = embed_local(encoder, self.manifest.domain(name), self.spec, self.cfg.eval.batch_size,
-                                    self.device, transform, self.precision)
-            feats.append(f)
-            indices.append(idx)
-            domains.append(torch.full_like(idx, d))
-        encoder.train(was_training)
+        feats, _, domains, indices = training_features(self.core.encoder_q, self.cfg, self.manifest, self.spec,
+                                                       self.device, self.precision)
         lc = self.cfg.loss
-        result = run_kmeans(lc.kmeans, torch.cat(feats), lc.num_clusters, lc.kmeans_niter, lc.kmeans_nredo,
+        result = run_kmeans(lc.kmeans, feats, lc.num_clusters, lc.kmeans_niter, lc.kmeans_nredo,
                             derive_seed(self.cfg.train.seed, "kmeans", self.progress.epoch),
                             lc.kmeans_max_points_per_centroid)
         sizes = torch.bincount(result.assignments, minlength=lc.num_clusters)
         log.info("epoch %d: k-means objective %.2f, local cluster sizes %s", self.progress.epoch, result.objective,
                  sizes.tolist())
-        return ClusterState.from_local(result, torch.cat(domains), torch.cat(indices),
+        return ClusterState.from_local(result, domains, indices,
                                        [self.manifest.domain(d).count for d in self.cfg.data.train_domains])
 
     # ------------------------------------------------------------------ evaluation
