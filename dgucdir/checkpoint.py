@@ -189,10 +189,11 @@ class Checkpointer:
             except Exception as exc:  # noqa: BLE001 - every rank must learn of it before anyone raises
                 failure = exc
         if dist.any_rank(failure is not None):
+            out_of_space = dist.any_rank(failure is not None and space_error(failure) is not None)
             if rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
             dist.barrier()
-            raise self._write_failure(name, failure)
+            raise self._write_failure(name, failure, out_of_space)
         if rank == 0:
             self._put_in_place(tmp, final)
             for old in list_checkpoints(self.root)[: -self.keep]:
@@ -213,16 +214,19 @@ class Checkpointer:
         else:
             tmp.replace(final)
 
-    def _write_failure(self, name: str, failure: BaseException | None) -> BaseException:
-        """The error to raise on this rank: the space message, or this rank's own error, or a pointer to another rank."""
+    def _write_failure(self, name: str, failure: BaseException | None, out_of_space: bool) -> BaseException:
+        """The error to raise on this rank: this rank's own error, the space message (``out_of_space``: on some
+        rank), or, on a rank that wrote its part, a pointer to the one that could not."""
         if failure is not None and space_error(failure) is None:
             return failure
+        if failure is None and not out_of_space:
+            return RuntimeError(f"checkpoint {name} not written: another rank failed to write its part (its error "
+                                "is in its log)")
         previous = list_checkpoints(self.root)
         resume = (f"resume from {previous[-1]} with --resume once there is room" if previous
                   else "no earlier checkpoint: the run starts over when resumed")
         if failure is None:
-            return CheckpointSpaceError(f"checkpoint {name} not written: another rank could not write its part; "
-                                        f"{resume}")
+            return CheckpointSpaceError(f"checkpoint {name} not written: another rank ran out of space; {resume}")
         needed = f"about {folder_bytes(previous[-1]) / 2**20:.1f} MiB (the last checkpoint's size)" if previous \
             else "more than was left"
         return CheckpointSpaceError(

@@ -239,7 +239,7 @@ def test_a_full_disk_on_another_rank_stops_every_rank(tmp_path):
 
     msg0, msg1 = run_distributed(_rank1_runs_out_of_space, 2, str(tmp_path))
     assert msg1.startswith("checkpoint ckpt-000000007 not written: disk quota exceeded")
-    assert msg0.startswith("checkpoint ckpt-000000007 not written: another rank could not write its part")
+    assert msg0.startswith("checkpoint ckpt-000000007 not written: another rank ran out of space")
     assert "no earlier checkpoint" in msg0 and not list(tmp_path.iterdir())
 
 
