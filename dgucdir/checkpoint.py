@@ -20,7 +20,6 @@ complete checkpoint is never touched before a new one is in place.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import pickle
@@ -33,7 +32,7 @@ from typing import Any, Callable, Protocol
 import torch
 
 from . import dist
-from .errors import CheckpointError, CheckpointSpaceError, first_line
+from .errors import CheckpointError, CheckpointSpaceError, first_line, space_error
 
 log = logging.getLogger(__name__)
 
@@ -69,19 +68,6 @@ def _atomic_save(obj: dict, path: Path) -> None:
         f.flush()
         os.fsync(f.fileno())  # network filesystems report a full quota at the latest here
     tmp.replace(path)
-
-
-NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-
-
-def space_error(exc: BaseException) -> OSError | None:
-    """The out-of-space ``OSError`` behind ``exc`` (torch wraps it in a RuntimeError), if that is what it is."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, OSError) and seen.errno in NO_SPACE:
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    return None
 
 
 def folder_bytes(path: Path) -> int:

@@ -2,8 +2,11 @@
 
 The CLI turns a :class:`UserError` into one line on stderr and its ``exit_code`` (2 unless the
 error says otherwise); every other exception is a bug or an environment failure and keeps its
-traceback.
+traceback. A full disk is the one environment failure recognised here (:func:`space_error`): a run
+can stop on it cleanly and resume.
 """
+
+import errno
 
 EXIT_USER_ERROR = 2
 EXIT_RESUMABLE = 75  # EX_TEMPFAIL: the run stopped after its last complete checkpoint; run it again with --resume
@@ -33,3 +36,16 @@ def first_line(exc: BaseException, limit: int = 300) -> str:
     """``Type: message`` on one line, for errors whose text (torch's, pickle's) runs over many."""
     text = " ".join(str(exc).split())
     return f"{type(exc).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
+
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def space_error(exc: BaseException) -> OSError | None:
+    """The out-of-space ``OSError`` behind ``exc`` (torch and MLflow wrap it in errors of their own), if any."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in NO_SPACE:
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None

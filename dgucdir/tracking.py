@@ -15,8 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .checkpoint import space_error
 from .config import Config, flatten
+from .errors import space_error
 from .extras import MissingExtraError, require
 
 if TYPE_CHECKING:
