@@ -155,7 +155,8 @@ def test_training_runs_with_the_mlflow_client_only(tmp_path, demo_manifest):
     except metadata.PackageNotFoundError:
         pytest.skip("compares with the full MLflow package, which this environment does not have")
     env = wheelhouse.target_environment(f"{sys.version_info.major}.{sys.version_info.minor}")
-    extra_only = set(wheelhouse.closure([Requirement("mlflow")], env)) - set(wheelhouse.closure([Requirement("dgucdir[cu13]")], env))
+    training_node = set(wheelhouse.closure([Requirement("dgucdir[cu13]")], env))
+    extra_only = set(wheelhouse.closure([Requirement("mlflow")], env)) - training_node
     assert {"pandas", "flask", "matplotlib", "mlflow"} <= extra_only
     site = site_without(extra_only - {"mlflow"}, tmp_path / "site")  # mlflow's own package is skinny's too
     assert not (site / "pandas").exists() and (site / "mlflow").exists() and (site / "torch").exists()

@@ -47,7 +47,8 @@ def overrides(tmp, manifest, name: str) -> list[str]:
             "data.num_threads=1", f"model.moco_init={tmp / 'moco_v2_800ep_pretrain.pth.tar'}",
             "train.batch_size=4", "loss.queue_size=8", "train.epochs=2", "train.max_steps_per_epoch=2",
             "train.warmup_epochs=1", "train.checkpoint_every=1", "train.log_every=1",
-            f"train.output_dir={tmp / name}", "tracking.experiment=tiny", f"tracking.uri=sqlite:///{tmp / name / 'mlruns.db'}"]
+            f"train.output_dir={tmp / name}", "tracking.experiment=tiny",
+            f"tracking.uri=sqlite:///{tmp / name / 'mlruns.db'}"]
 
 
 def test_the_paper_config_trains_clusters_evaluates_and_resumes_exactly(paper_setup):
