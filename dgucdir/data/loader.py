@@ -95,14 +95,15 @@ class MultiDomainLoader:
 
     def _pipelines(self, epoch: int) -> list:
         pipes = []
+        rank, world = self.spec.shard_id, self.spec.num_shards
         for d, domain in enumerate(self.domains):
-            seed = derive_seed(self.seed, epoch, self.spec.shard_id, domain.name)
             source = None
             if self.global_order:
-                share = rank_share(domain.count, epoch, self.seed, domain.name, self.spec.shard_id, self.spec.num_shards)
-                order = cycled(share, self.steps_per_epoch * self.per_domain)
+                order = cycled(rank_share(domain.count, epoch, self.seed, domain.name, rank, world),
+                               self.steps_per_epoch * self.per_domain)
                 source = IndexedSource(self.reader, [d] * len(order), order.tolist(), self.per_domain,
                                        ("encoded", "label", "index"))
+            seed = derive_seed(self.seed, epoch, rank, domain.name)
             pipes.append(train_pipeline(domain, self.spec, self.per_domain, seed, min(self.shuffle_buffer, domain.count),
                                         self.crop_scale_min, source))
         return pipes
@@ -110,11 +111,11 @@ class MultiDomainLoader:
     def partner_draws(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(domain, index) of this epoch's raw partners, 2 per sample and step, uniform over all training images."""
         generator = torch.Generator().manual_seed(derive_seed(self.seed, epoch, self.spec.shard_id, "partners"))
-        counts = torch.tensor([d.count for d in self.domains])
-        flat = torch.randint(int(counts.sum()), (self.steps_per_epoch * 2 * self.per_domain * len(self.domains),),
+        ends = torch.tensor([d.count for d in self.domains]).cumsum(0)
+        flat = torch.randint(int(ends[-1]), (self.steps_per_epoch * 2 * self.per_domain * len(self.domains),),
                              generator=generator)
-        starts = torch.cumsum(counts, 0) - counts
-        domain = torch.searchsorted(torch.cumsum(counts, 0), flat, right=True)
+        domain = torch.searchsorted(ends, flat, right=True)
+        starts = torch.cat([ends.new_zeros(1), ends[:-1]])
         return domain, flat - starts[domain]
 
     def _partner_pipelines(self, epoch: int) -> list:

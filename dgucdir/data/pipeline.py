@@ -136,9 +136,9 @@ def train_pipeline(domain: Domain, spec: PipelineSpec, batch_size: int, seed: in
                    crop_scale_min: float = 0.2, source: IndexedSource | None = None):
     """One training domain, outputs (view1, view2, label, index).
 
-    Read in ``source``'s order (fields encoded, label, index; ``data.order=global``: this epoch's share of a global shuffle), or,
-    without one, by the shard reader: this rank's fixed contiguous shard, shuffled in a buffer of
-    ``initial_fill`` (``data.order=shard``).
+    Read in ``source``'s order (fields encoded, label, index; ``data.order=global``: this epoch's
+    share of a global shuffle), or, without one, by the shard reader: this rank's fixed contiguous
+    shard, shuffled in a buffer of ``initial_fill`` (``data.order=shard``).
     """
 
     @pipeline_def(batch_size=batch_size, num_threads=spec.num_threads, device_id=spec.device_id, seed=seed,
