@@ -121,6 +121,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from .data.manifest import Manifest
     from .data.pipeline import PipelineSpec
+    from .threads import ThreadBudget
     from .model.loading import baseline_encoder, encoder_from_checkpoint
     from .retrieval import evaluate
     from .train import setup_logging
@@ -138,7 +139,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ConfigError("evaluate a checkpoint, or a baseline with --init random|moco-v2 PATH and --config")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     manifest = Manifest.load(args.manifest or cfg.data.manifest)
-    spec = PipelineSpec.for_device(cfg.data.image_size, cfg.data.num_threads, device)
+    spec = PipelineSpec.for_device(cfg.data.image_size, ThreadBudget.for_rank().apply(1, cfg.data.num_threads), device)
     report, files = evaluate(encoder.to(device), manifest, args.domains or cfg.data.eval_domains, spec, cfg.eval,
                              device, Path(args.out), precision=cfg.train.mixed_precision or "no")
     print(report.markdown())

@@ -32,7 +32,7 @@ class DataConfig:
     train_domains: list[str] = field(default_factory=lambda: ["ink", "neon"])
     eval_domains: list[str] = field(default_factory=lambda: ["photo", "sketch"])
     image_size: int = 224
-    num_threads: int = 4
+    num_threads: int | None = None  # DALI threads per pipeline; null: from the rank's thread budget
     order: Literal["global", "shard"] = "global"
     shuffle_buffer: int = 1024
 
@@ -46,9 +46,12 @@ class AugmentConfig:
     hpf_fixed: bool = False
     phase_amplitude: float = 50000.0
     crop_scale_min: float = 0.2
-    # "per_view_raw": each view its own partner, a raw resized training image of any training domain (the
-    # original); "shared_batch": one augmented in-batch partner per sample, shared by both views (ablation)
-    partner: Literal["per_view_raw", "shared_batch"] = "per_view_raw"
+    # Fourier partners. "bank": each view its own raw resized training image, from a bank of the images
+    # this rank already decoded; "per_view_raw": the same kind drawn from all training images and decoded
+    # for it (the original, two more decodes per sample); "shared_batch": one augmented in-batch partner
+    # per sample, shared by both views (ablation)
+    partner: Literal["bank", "per_view_raw", "shared_batch"] = "per_view_raw"
+    partner_bank_size: int = 4096  # raw images per rank, split over the training domains (3*S*S bytes each)
 
 
 @dataclass
@@ -179,12 +182,13 @@ _VALUE_RULES: list[tuple[str, typing.Callable[[Any], bool], str]] = [
     ("data.train_domains", lambda v: len(v) >= 1 and len(set(v)) == len(v), "a non-empty list of distinct domain names"),
     ("data.eval_domains", lambda v: len(v) >= 2 and len(set(v)) == len(v), "at least two distinct domain names"),
     ("data.image_size", lambda v: v >= 16, "an integer >= 16"),
-    ("data.num_threads", lambda v: v >= 1, "an integer >= 1"),
+    ("data.num_threads", lambda v: v is None or v >= 1, "null (the rank's thread budget) or an integer >= 1"),
     ("data.shuffle_buffer", lambda v: v >= 1, "an integer >= 1"),
     ("augment.alpha", lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]"),
     ("augment.hpf_alpha", lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]"),
     ("augment.hpf_range", lambda v: v >= 0, "an integer >= 0 (0 disables the phase mix)"),
     ("augment.phase_amplitude", lambda v: v > 0, "a number > 0"),
+    ("augment.partner_bank_size", lambda v: v >= 1, "an integer >= 1"),
     ("augment.crop_scale_min", lambda v: 0.0 < v <= 1.0, "a number in (0, 1]"),
     ("model.proj_dim", lambda v: v >= 1, "an integer >= 1"),
     ("model.momentum", lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
@@ -227,6 +231,9 @@ def _cross_checks(cfg: Config) -> None:
         raise ConfigError(
             f"data.eval_domains: {sorted(overlap)} also in data.train_domains; retrieval is evaluated on unseen domains only"
         )
+    if cfg.augment.partner_bank_size < len(cfg.data.train_domains):
+        raise ConfigError(f"augment.partner_bank_size={cfg.augment.partner_bank_size}: the bank needs at least one "
+                          f"slot per training domain ({len(cfg.data.train_domains)})")
 
 
 # --------------------------------------------------------------------------- type coercion

@@ -5,7 +5,7 @@ HELP: dict[str, str] = {
     "data.train_domains": "domains trained on, without labels",
     "data.eval_domains": "unseen domains: retrieval is evaluated between every ordered pair of them",
     "data.image_size": "side of the square training/eval views in pixels (paper: 224)",
-    "data.num_threads": "DALI worker threads per pipeline",
+    "data.num_threads": "DALI worker threads per pipeline (null: the rank's cores shared by its pipelines)",
     "data.order": "global: a fresh shuffle of every domain each epoch, split across ranks (as DistributedSampler); shard: each rank its fixed shard, buffer-shuffled",
     "data.shuffle_buffer": "DALI reader shuffle buffer (samples per domain), for data.order=shard",
     "augment.fourier": "two-stage Fourier mixing of the RGB views with a partner (false: plain MoCo views)",
@@ -15,7 +15,10 @@ HELP: dict[str, str] = {
     "augment.hpf_fixed": "use exactly hpf_alpha instead of drawing lambda_p",
     "augment.phase_amplitude": "constant amplitude of the phase image (paper: 50000 at 224 px)",
     "augment.crop_scale_min": "smallest area fraction of MoCo v2's random resized crop",
-    "augment.partner": "per_view_raw: each view its own raw training image as partner (original); shared_batch: one in-batch view per sample",
+    "augment.partner": "bank: each view its own raw training image from the images already decoded; per_view_raw: "
+                       "the same from all training images, decoded for it (original); shared_batch: one in-batch "
+                       "view per sample",
+    "augment.partner_bank_size": "raw images in a rank's partner bank, split over the training domains",
     "model.arch": "backbone: resnet50 (paper), resnet18, resnet_narrow (CPU demo)",
     "model.proj_dim": "output size of the MLP head",
     "model.bn": "BatchNorm statistics: paper (the whole global batch, as the original's one GPU), shuffle (MoCo shuffle-BN for keys), local (per rank)",

@@ -19,6 +19,7 @@ from .data.pipeline import PipelineSpec
 from .errors import CheckpointError, DataError
 from .model.loading import encoder_from_checkpoint
 from .retrieval import extract_features, picture_grid, thumbnail, top_matches
+from .threads import ThreadBudget
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ def gallery_features(encoder: torch.nn.Module, cache_dir: Path, manifest: Manife
         except (CheckpointError, KeyError, TypeError, AttributeError) as exc:
             log.warning("ignoring the gallery cache %s, embedding again (%s)", path, exc)
     log.info("embedding gallery %r (cached in %s)", domain, path)
-    spec = PipelineSpec.for_device(image_size, 2, device)
+    spec = PipelineSpec.for_device(image_size, ThreadBudget.for_rank().apply(1), device)
     feats, labels = extract_features(encoder, manifest.domain(domain), spec, batch_size, device)
     cache_dir.mkdir(exist_ok=True)
     for stale in cache_dir.glob(f"{domain}-*.pt"):

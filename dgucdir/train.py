@@ -20,7 +20,7 @@ import math
 import shutil
 import signal
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -43,6 +43,7 @@ from .model.dgucdir import DGUCDIR
 from .model.encoder import load_moco_v2
 from .model.loading import save_encoder
 from .retrieval import EvalReport, evaluate
+from .threads import ThreadBudget
 from .runtime import moco_init_path, validate_runtime
 from .seeding import ProcessRNG, derive_seed, seed_process
 from .tracking import Tracker, run_tags
@@ -142,8 +143,11 @@ class Trainer:
         self.rank_batch = validate_runtime(cfg, self.manifest, self.world)
         self.out_dir = Path(cfg.train.output_dir)
         seed_process(cfg.train.seed, self.rank)
-        self.spec = PipelineSpec.for_device(cfg.data.image_size, cfg.data.num_threads, self.device, self.rank,
-                                            self.world)
+        budget = ThreadBudget.for_rank()
+        concurrent = len(cfg.data.train_domains) + int(cfg.augment.fourier and cfg.augment.partner == "per_view_raw")
+        self.spec = PipelineSpec.for_device(cfg.data.image_size, budget.apply(concurrent, cfg.data.num_threads),
+                                            self.device, self.rank, self.world)
+        self.eval_spec = replace(self.spec, num_threads=budget.dali_threads(1, cfg.data.num_threads))  # one at a time
         self.loader = MultiDomainLoader(cfg, self.manifest, self.rank_batch, self.spec, self.device)
         model = build_model(cfg, len(cfg.data.train_domains), self.rank_batch, self.device)
         optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr,
@@ -159,10 +163,10 @@ class Trainer:
         shared = {"model": self.core, "optimizer": self.optimizer, "progress": self.progress, "clusters": self.clusters}
         if self.accelerator.scaler is not None:
             shared["scaler"] = self.accelerator.scaler
-        self.checkpointer = Checkpointer(
-            self.out_dir / "checkpoints", shared,
-            {"queues": StateFns(self.core.queues_state, self.core.load_queues_state), "rng": ProcessRNG()},
-            cfg.train.keep_checkpoints)
+        per_rank = {"queues": StateFns(self.core.queues_state, self.core.load_queues_state), "rng": ProcessRNG()}
+        if self.loader.bank is not None:  # sample ids only: a resume decodes them again
+            per_rank["partner_bank"] = self.loader.bank
+        self.checkpointer = Checkpointer(self.out_dir / "checkpoints", shared, per_rank, cfg.train.keep_checkpoints)
         if self.rank == 0:
             self.checkpointer.warn_if_short_of_space(estimated_checkpoint_bytes(self.core))
         if resume is None:
@@ -232,7 +236,7 @@ class Trainer:
     @torch.no_grad()
     def compute_clusters(self) -> ClusterState:
         """k-means on the pooled features of the training images' colour phase images; each rank embeds its shard."""
-        feats, _, domains, indices = training_features(self.core.encoder_q, self.cfg, self.manifest, self.spec,
+        feats, _, domains, indices = training_features(self.core.encoder_q, self.cfg, self.manifest, self.eval_spec,
                                                        self.device, self.precision)
         lc = self.cfg.loss
         result = run_kmeans(lc.kmeans, feats, lc.num_clusters, lc.kmeans_niter, lc.kmeans_nredo,
@@ -247,7 +251,7 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
     def run_eval(self, tag: str) -> EvalReport:
         dist.broadcast_buffers(self.core.encoder_q)  # the evaluated model is the checkpointed one on every rank
-        report, files = evaluate(self.core.encoder_q, self.manifest, self.cfg.data.eval_domains, self.spec,
+        report, files = evaluate(self.core.encoder_q, self.manifest, self.cfg.data.eval_domains, self.eval_spec,
                                  self.cfg.eval, self.device, self.out_dir / "eval" / tag,
                                  precision=self.precision)
         self._check_ranks_agree(report)

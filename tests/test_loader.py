@@ -3,22 +3,24 @@
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from dgucdir.config import load_config
 from dgucdir.data.loader import MultiDomainLoader, eval_batches, random_derangement
 from dgucdir.data.manifest import Manifest
 from dgucdir.data.order import cycled, rank_share
+from dgucdir.data.partner_bank import PartnerBank
 from dgucdir.data.pipeline import PipelineSpec, partner_pipeline, train_pipeline
 from dgucdir.data.reader import IndexedSource, SampleReader
 
 CPU = torch.device("cpu")
 
 
-def _loader(manifest, rank=0, world=1, seed=0, batch=16, size=48, order="global"):
+def _loader(manifest, rank=0, world=1, seed=0, batch=16, size=48, order="global", partner="bank"):
     cfg = load_config(None, ["data.train_domains=[ink,photo]", "data.eval_domains=[neon,sketch]", "augment.hpf_range=10",
                              f"train.seed={seed}", "data.shuffle_buffer=128", f"data.image_size={size}",
-                             f"data.order={order}"])
+                             f"data.order={order}", f"augment.partner={partner}"])
     return MultiDomainLoader(cfg, Manifest.load(manifest), batch, PipelineSpec(size, rank, world, None, 1), CPU)
 
 
@@ -41,10 +43,22 @@ def test_batches_are_balanced_shaped_and_cover_every_index(demo_manifest):
         assert seen[d] == set(range(counts[d]))
 
 
+def _first_steps(loader, epoch, steps, bank_after=None):
+    """The first ``steps`` batches of ``epoch``, and the partner bank's state after ``bank_after`` of them."""
+    batches, state = [], None
+    for step, batch in zip(range(steps), loader.epoch(epoch)):
+        batches.append(batch)
+        if step + 1 == bank_after:  # the generator is paused after this step: its images are in the bank
+            state = loader.bank.state_dict()
+    return batches, state
+
+
 def test_same_seed_same_batches_and_exact_start_step(demo_manifest):
-    a = [b for _, b in zip(range(4), _loader(demo_manifest, seed=3).epoch(2))]
+    a, bank = _first_steps(_loader(demo_manifest, seed=3), 2, 4, bank_after=2)
     b = [b for _, b in zip(range(4), _loader(demo_manifest, seed=3).epoch(2))]
-    c = list(_loader(demo_manifest, seed=3).epoch(2, start_step=2, num_steps=4))
+    resumed = _loader(demo_manifest, seed=3)
+    resumed.bank.load_state_dict(bank)
+    c = list(resumed.epoch(2, start_step=2, num_steps=4))
     d = [b for _, b in zip(range(1), _loader(demo_manifest, seed=4).epoch(2))]
     for x, y in zip(a, b):
         assert torch.equal(x.q_rgb, y.q_rgb) and torch.equal(x.k_phase, y.k_phase) and torch.equal(x.index, y.index)
@@ -175,11 +189,16 @@ def test_fourier_off_or_zero_strength_leaves_the_views_alone(demo_manifest):
     assert torch.equal(mixed.q_rgb, plain.q_rgb) and torch.equal(mixed.k_rgb, plain.k_rgb)
 
 
-def test_each_view_has_its_own_partner_from_every_domain_and_shard_and_resume_redraws_the_same(demo_manifest):
-    """As the original: each of the 2B views draws its own raw partner from all training images of all
-    training domains (also other ranks' shards); a resumed epoch draws the very same partners."""
-    loader = _loader(demo_manifest, rank=1, world=2, batch=16)
-    batches = [b for _, b in zip(range(5), loader.epoch(1))]
+@pytest.mark.parametrize("partner", ["per_view_raw", "bank"])
+def test_each_view_has_its_own_partner_from_every_domain_and_shard_and_resume_redraws_the_same(demo_manifest, partner):
+    """As the original: each of the 2B views draws its own raw partner from the training images of all
+    training domains (also other ranks' shards: the bank of rank 1 of 2 after an epoch holds its share of
+    a global shuffle); a resumed epoch draws the very same partners (the bank from its saved sample ids)."""
+    loader = _loader(demo_manifest, rank=1, world=2, batch=16, partner=partner)
+    if partner == "bank":
+        for _ in loader.epoch(0):  # an epoch's images in the bank, as from the second epoch of training on
+            pass
+    batches, bank = _first_steps(loader, 1, 5, bank_after=3 if partner == "bank" else None)
     n = len(batches[0])
     pairs = [torch.stack([b.partner_domain, b.partner_index], 1) for b in batches]
     for p in pairs:
@@ -192,12 +211,51 @@ def test_each_view_has_its_own_partner_from_every_domain_and_shard_and_resume_re
         mine = drawn[drawn[:, 0] == d, 1]
         assert 0.3 < len(mine) / len(drawn) < 0.7  # domains of equal size: about half the partners each
         assert mine.min() < count // 2 <= mine.max()  # both ranks' shards
-    resumed = list(_loader(demo_manifest, rank=1, world=2, batch=16).epoch(1, start_step=3, num_steps=5))
+    resumed_loader = _loader(demo_manifest, rank=1, world=2, batch=16, partner=partner)
+    if partner == "bank":
+        resumed_loader.bank.load_state_dict(bank)
+    resumed = list(resumed_loader.epoch(1, start_step=3, num_steps=5))
+    assert len(resumed) == 2
     for b, r in zip(batches[3:], resumed):
         assert torch.equal(b.partner_index, r.partner_index) and torch.equal(b.partner_domain, r.partner_domain)
         assert torch.equal(b.q_rgb, r.q_rgb) and torch.equal(b.k_rgb, r.k_rgb)
-    other_seed = next(_loader(demo_manifest, rank=1, world=2, batch=16, seed=1).epoch(1))
+    other_seed = next(_loader(demo_manifest, rank=1, world=2, batch=16, seed=1, partner=partner).epoch(1))
     assert not torch.equal(other_seed.partner_index, batches[0].partner_index)
+
+
+def test_bank_partners_are_the_raw_images_of_their_samples(demo_manifest):
+    """The bank's images (from the training pipeline's own decode) equal the raw partners the original
+    would decode for the same samples (the per-view pipeline), bit for bit: raw, un-augmented."""
+    loader = _loader(demo_manifest, batch=16, size=40)
+    batch = next(loader.epoch(0))
+    domain, slot, index = loader.bank.occupied()
+    assert len(index) == 16 and sorted(zip(domain.tolist(), index.tolist())) == sorted(
+        zip(batch.domain.tolist(), batch.index.tolist()))
+    pipe = partner_pipeline(IndexedSource(loader.reader, domain.tolist(), index.tolist(), 16,
+                                          ("encoded", "index", "domain")), PipelineSpec(40, 0, 1, None, 1), seed=9)
+    want = torch.from_numpy(np.array(pipe.run()[0].as_tensor()))
+    assert torch.equal(loader.bank.gather(domain, slot), want)
+    used = {(d, i) for d, i in zip(batch.partner_domain.tolist(), batch.partner_index.tolist())}
+    assert used <= set(zip(domain.tolist(), index.tolist()))  # the first step draws from its own images
+
+
+def test_bank_draws_domains_by_size_and_filled_slots_uniformly():
+    """A uniform draw over all training images picks a domain in proportion to its size, whatever the
+    bank's (domain-balanced) content; within a domain every filled slot equally, never an empty one."""
+    bank = PartnerBank([100, 300, 50], slots_per_domain=8, image_size=4, device=CPU)
+    bank.add(0, torch.zeros(5, 3, 4, 4, dtype=torch.uint8), torch.arange(5))
+    bank.add(1, torch.ones(12, 3, 4, 4, dtype=torch.uint8), torch.arange(100, 112))  # wraps: keeps the last 8
+    assert bank.filled().tolist() == [5, 8, 0]
+    assert sorted(bank.ids[1].tolist()) == list(range(104, 112))
+    domain, slot = bank.draw(40000, torch.Generator().manual_seed(0))
+    share = torch.bincount(domain, minlength=3).double() / len(domain)
+    assert abs(share[0] - 0.25) < 0.01 and abs(share[1] - 0.75) < 0.01 and share[2] == 0
+    for d, filled in ((0, 5), (1, 8)):
+        counts = torch.bincount(slot[domain == d], minlength=8)
+        assert counts[filled:].sum() == 0 and counts[:filled].min() > 0.8 * counts[:filled].max()
+    assert bank.gather(domain[:3], slot[:3]).shape == (3, 3, 4, 4)
+    with pytest.raises(RuntimeError, match="empty"):
+        PartnerBank([1], 2, 4, CPU).draw(1, torch.Generator())
 
 
 def test_colour_jitter_scales_contrast_around_the_image_mean_as_torchvision():

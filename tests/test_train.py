@@ -117,6 +117,27 @@ def test_two_processes_stop_and_resume_is_exact(tmp_path, demo_manifest, uninter
     assert {p.name for p in (tmp_path / "split2/checkpoints/ckpt-000000015").iterdir()} == {"state.pt", "rank0.pt", "rank1.pt"}
 
 
+def test_two_processes_with_the_partner_bank_resume_exactly(tmp_path, demo_manifest):
+    """augment.partner=bank: each rank's checkpoint keeps its bank's sample ids, not its pixels; the resumed
+    ranks decode them again, and every loss after the stop equals the uninterrupted run's."""
+    from dgucdir.checkpoint import safe_load
+
+    full = tiny_config(tmp_path, demo_manifest, "bank_full", epochs=2)
+    split = tiny_config(tmp_path, demo_manifest, "bank_split", epochs=2)
+    run(["train", str(full), "augment.partner=bank"], procs=2)
+    run(["train", str(split), "augment.partner=bank", "train.max_steps=7"], procs=2)
+    for r in (0, 1):
+        bank = safe_load(tmp_path / f"bank_split/checkpoints/ckpt-000000007/rank{r}.pt")["partner_bank"]
+        assert bank["written"].tolist() == [7 * 4, 7 * 4]  # 7 steps of 4 images per domain on each rank
+        assert bank["ids"].dtype == torch.int64 and (bank["ids"] >= 0).sum() == 2 * 7 * 4
+    run(["train", str(split), "augment.partner=bank", "--resume"], procs=2)
+    _, want = history(tmp_path / "bank_full")
+    _, got = history(tmp_path / "bank_split")
+    assert sorted(got) == list(range(1, 11))
+    for step in range(8, 11):
+        assert got[step] == want[step], step
+
+
 def test_accelerate_launch_two_processes_end_to_end(tmp_path, demo_manifest):
     cfg = tiny_config(tmp_path, demo_manifest, "acc", epochs=2)
     res = run(["train", str(cfg)], procs=2, launcher="accelerate")

@@ -14,10 +14,13 @@ Reading order (``data.order``):
   ``data.shuffle_buffer`` samples around the order fixed at pack time (kept for comparison).
 
 Fourier partners (``augment.partner``):
-- ``per_view_raw`` (default, as the original): every view gets its *own* partner, a raw training image
-  (decoded, resized to the training size, no augmentation) drawn uniformly with replacement from
-  the training images of all training domains, as the original's ``random.randint`` over all
-  images. A rank reads them by index from the whole data set, through one extra DALI pipeline.
+- ``bank`` (default): every view gets its own partner, a raw training image (decoded, resized to the
+  training size, no augmentation) drawn from a bank of the raw images this rank's training pipeline
+  has already decoded (:mod:`.partner_bank`): the original's kind of partner, at no extra decode.
+- ``per_view_raw`` (the original's exact distribution): every view its own raw partner, drawn
+  uniformly with replacement from all training images of all training domains, as the original's
+  ``random.randint``; a rank reads them by index through one extra DALI pipeline (two more decodes
+  per sample).
 - ``shared_batch`` (kept for the ablation): both views of a sample share one partner, another
   sample's MoCo-augmented view from the same rank's batch.
 """
@@ -27,6 +30,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Iterator
 
 import torch
@@ -37,6 +41,7 @@ from ..seeding import derive_seed
 from .fourier import FourierAugment, normalize
 from .manifest import Domain, Manifest
 from .order import cycled, rank_share
+from .partner_bank import PartnerBank
 from .pipeline import READER_NAME, PipelineSpec, eval_pipeline, partner_pipeline, train_pipeline
 from .reader import IndexedSource, SampleReader
 
@@ -81,10 +86,10 @@ class MultiDomainLoader:
         self.per_domain = rank_batch // len(self.domains)
         self.spec = spec
         self.augment = FourierAugment.from_config(cfg.augment)
-        self.fourier_mix = cfg.augment.fourier
-        self.raw_partners = cfg.augment.fourier and cfg.augment.partner == "per_view_raw"
+        self.partner = cfg.augment.partner if cfg.augment.fourier else None  # None: no Fourier mixing
         self.global_order = cfg.data.order == "global"
-        self.reader = SampleReader(self.domains) if self.global_order or self.raw_partners else None
+        self.bank = PartnerBank([d.count for d in self.domains], cfg.augment.partner_bank_size // len(self.domains),
+                                spec.image_size, device) if self.partner == "bank" else None
         self.seed = cfg.train.seed
         self.device = device
         self.shuffle_buffer = cfg.data.shuffle_buffer
@@ -92,6 +97,11 @@ class MultiDomainLoader:
         largest_share = max(math.ceil(d.count / spec.num_shards) for d in self.domains)
         self.steps_per_epoch = math.ceil(largest_share / self.per_domain)
         self.data_wait_s = 0.0  # time spent waiting for DALI, accumulated; the trainer reads it
+
+    @cached_property
+    def reader(self) -> SampleReader:
+        """Random access to the training samples (global order, raw partners, a bank's restore)."""
+        return SampleReader(self.domains)
 
     def _pipelines(self, epoch: int) -> list:
         pipes = []
@@ -105,7 +115,7 @@ class MultiDomainLoader:
                                        ("encoded", "label", "index"))
             seed = derive_seed(self.seed, epoch, rank, domain.name)
             pipes.append(train_pipeline(domain, self.spec, self.per_domain, seed, min(self.shuffle_buffer, domain.count),
-                                        self.crop_scale_min, source))
+                                        self.crop_scale_min, source, with_raw=self.bank is not None))
         return pipes
 
     def partner_draws(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,7 +129,7 @@ class MultiDomainLoader:
         return domain, flat - starts[domain]
 
     def _partner_pipelines(self, epoch: int) -> list:
-        if not self.raw_partners:
+        if self.partner != "per_view_raw":
             return []
         domain, index = self.partner_draws(epoch)
         source = IndexedSource(self.reader, domain.tolist(), index.tolist(), 2 * self.per_domain * len(self.domains),
@@ -128,6 +138,8 @@ class MultiDomainLoader:
 
     def epoch(self, epoch: int, start_step: int = 0, num_steps: int | None = None) -> Iterator[Batch]:
         """Batches of ``epoch`` from ``start_step`` (exact resume) to ``num_steps`` (default: all)."""
+        if self.bank is not None and self.bank.needs_restore:
+            self._restore_bank()
         pipes, partner_pipes = self._pipelines(epoch), self._partner_pipelines(epoch)
         try:
             for _ in range(start_step):
@@ -137,6 +149,20 @@ class MultiDomainLoader:
                 yield self._batch(pipes, partner_pipes, epoch, step)
         finally:
             del pipes, partner_pipes
+
+    def _restore_bank(self) -> None:
+        """Decodes the samples a checkpoint's bank held back into their slots (exact resume)."""
+        domain, slot, index = self.bank.occupied()
+        if len(index):
+            batch = min(len(index), 256)
+            pad = -len(index) % batch  # whole batches for the external source; the padding is dropped
+            source = IndexedSource(self.reader, torch.cat([domain, domain[-1:].repeat(pad)]).tolist(),
+                                   torch.cat([index, index[-1:].repeat(pad)]).tolist(), batch,
+                                   ("encoded", "index", "domain"))
+            pipe = partner_pipeline(source, self.spec, 0)
+            images = torch.cat([dali_to_torch(pipe.run()[0], self.device) for _ in range(len(source.samples) // batch)])
+            self.bank.restore(domain, slot, images[:len(index)])
+        self.bank.needs_restore = False
 
     def _batch(self, pipes: list, partner_pipes: list, epoch: int, step: int) -> Batch:
         t0 = time.perf_counter()
@@ -148,20 +174,26 @@ class MultiDomainLoader:
             label.append(dali_to_torch(out[2], self.device).view(-1).long())
             index.append(dali_to_torch(out[3], self.device).view(-1).long())
             domain.append(torch.full_like(index[-1], d))
+            if self.bank is not None:
+                self.bank.add(d, dali_to_torch(out[4], self.device), index[-1])
         raw = [p.run() for p in partner_pipes]
         self.data_wait_s += time.perf_counter() - t0
         x1, x2 = torch.cat(v1), torch.cat(v2)
         gen = torch.Generator().manual_seed(derive_seed(self.seed, epoch, self.spec.shard_id, step, "fourier"))
         q_rgb, k_rgb = x1.float(), x2.float()
         partner_domain = partner_index = torch.full((2 * len(x1),), -1)
-        if self.raw_partners:
-            (images, partner_domain, partner_index), = raw
-            partners = dali_to_torch(images, self.device)
-            partner_domain = dali_to_torch(partner_domain, torch.device("cpu")).view(-1).long()
-            partner_index = dali_to_torch(partner_index, torch.device("cpu")).view(-1).long()
+        if self.partner in ("bank", "per_view_raw"):
+            if self.bank is not None:
+                partner_domain, slot = self.bank.draw(2 * len(x1), gen)
+                partners, partner_index = self.bank.gather(partner_domain, slot), self.bank.ids[partner_domain, slot]
+            else:
+                (images, partner_domain, partner_index), = raw
+                partners = dali_to_torch(images, self.device)
+                partner_domain = dali_to_torch(partner_domain, torch.device("cpu")).view(-1).long()
+                partner_index = dali_to_torch(partner_index, torch.device("cpu")).view(-1).long()
             q_rgb = self.augment.mix(x1, partners[: len(x1)], *self.augment.sample_lambdas(len(x1), gen))
             k_rgb = self.augment.mix(x2, partners[len(x1):], *self.augment.sample_lambdas(len(x2), gen))
-        elif self.fourier_mix:
+        elif self.partner == "shared_batch":
             partner = random_derangement(len(x1), gen).to(self.device)
             q_rgb = self.augment.mix_with_partner(x1, partner, *self.augment.sample_lambdas(len(x1), gen))
             k_rgb = self.augment.mix_with_partner(x2, partner, *self.augment.sample_lambdas(len(x2), gen))

@@ -95,6 +95,13 @@ def moco_v2_view(images, size: int, crop_scale_min: float):
                                     output_layout="CHW", mean=[0.0], std=[1.0])
 
 
+def raw_view(images, size: int):
+    """A raw partner image as the original makes it: resized to the square training size (bicubic, aspect
+    not kept, as PIL's ``resize(img.size)``), no augmentation; uint8 CHW."""
+    images = fn.resize(images, size=[size, size], interp_type=types.INTERP_CUBIC, antialias=True)
+    return fn.crop_mirror_normalize(images, dtype=types.UINT8, output_layout="CHW", mean=[0.0], std=[1.0])
+
+
 def eval_view(images, size: int):
     """Resize the shorter side to 256/224 * size, centre crop ``size``; uint8 CHW."""
     images = fn.resize(images, resize_shorter=round(size * 256 / 224))
@@ -133,8 +140,9 @@ def _indexed(source: IndexedSource):
 
 
 def train_pipeline(domain: Domain, spec: PipelineSpec, batch_size: int, seed: int, initial_fill: int,
-                   crop_scale_min: float = 0.2, source: IndexedSource | None = None):
-    """One training domain, outputs (view1, view2, label, index).
+                   crop_scale_min: float = 0.2, source: IndexedSource | None = None, with_raw: bool = False):
+    """One training domain, outputs (view1, view2, label, index), and with ``with_raw`` each sample's
+    :func:`raw_view` from the same decode (the partner bank's input).
 
     Read in ``source``'s order (fields encoded, label, index; ``data.order=global``: this epoch's
     share of a global shuffle), or, without one, by the shard reader: this rank's fixed contiguous
@@ -151,6 +159,8 @@ def train_pipeline(domain: Domain, spec: PipelineSpec, batch_size: int, seed: in
         images = _decode(encoded, spec.on_gpu)
         v1 = moco_v2_view(images, spec.image_size, crop_scale_min)
         v2 = moco_v2_view(images, spec.image_size, crop_scale_min)
+        if with_raw:
+            return v1, v2, label, index, raw_view(images, spec.image_size)
         return v1, v2, label, index
 
     p = pipe()
@@ -159,18 +169,15 @@ def train_pipeline(domain: Domain, spec: PipelineSpec, batch_size: int, seed: in
 
 
 def partner_pipeline(source: IndexedSource, spec: PipelineSpec, seed: int):
-    """Raw training images as Fourier partners, in ``source``'s order (fields encoded, index, domain):
-    decoded, resized to the square training size (bicubic, aspect not kept, as the original's PIL
-    ``resize(img.size)``), no augmentation. Outputs (image, domain, index)."""
+    """Raw training images (:func:`raw_view`) in ``source``'s order (fields encoded, index, domain): the
+    per-view partners of ``augment.partner=per_view_raw``, and a resumed partner bank's content.
+    Outputs (image, domain, index)."""
 
     @pipeline_def(batch_size=source.batch_size, num_threads=spec.num_threads, device_id=spec.device_id, seed=seed,
                   prefetch_queue_depth=2, exec_dynamic=True)
     def pipe():
         encoded, index, domain = _indexed(source)
-        images = fn.resize(_decode(encoded, spec.on_gpu), size=[spec.image_size, spec.image_size],
-                           interp_type=types.INTERP_CUBIC, antialias=True)
-        return (fn.crop_mirror_normalize(images, dtype=types.UINT8, output_layout="CHW", mean=[0.0], std=[1.0]),
-                domain, index)
+        return raw_view(_decode(encoded, spec.on_gpu), spec.image_size), domain, index
 
     p = pipe()
     p.build()

@@ -1,0 +1,87 @@
+"""One thread budget per rank: how many cores DALI and torch may use, decided in one place.
+
+A rank's DALI pipelines (one per training domain, all prefetching at once) and torch's intra-op
+pool otherwise size themselves without each other: torch takes every core of the machine, so 8
+ranks on a 64-core node would run 8 x 64 torch threads beside their pipelines' workers, and two
+test workers on two cores the same in miniature.
+The budget starts from the cores this process may run on (``os.sched_getaffinity``), takes
+SLURM's ``--cpus-per-task`` when the job has one (a task's own share), otherwise divides by the
+ranks launched on this host (``LOCAL_WORLD_SIZE``, set by accelerate/torchrun and by
+``dgucdir submit``), and by the test workers (``PYTEST_XDIST_WORKER_COUNT``) when under pytest-xdist.
+The cores are then split between the two pools that run at the same time: the DALI pipelines
+(prefetching in the background) share half of them, and torch's intra-op pool, on the thread
+that runs the Fourier stage and the training step, gets the rest. On a 2-core machine that is
+torch 1 and DALI 1 per pipeline, measured a little faster than torch on both cores (BENCHMARKS.md),
+since two pools that each assume the whole machine slow each other down. An explicit
+``OMP_NUM_THREADS`` (torchrun sets 1 for several local ranks) fixes torch's share instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def _positive_int(environ: Mapping[str, str], name: str) -> int | None:
+    value = environ.get(name, "").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else None
+
+
+@dataclass(frozen=True)
+class ThreadBudget:
+    cores: int  # cores this rank may keep busy
+    omp_threads: int | None  # an explicit OMP_NUM_THREADS: torch's share, whatever the split
+    reason: str  # where ``cores`` came from, for the log
+
+    @classmethod
+    def for_rank(cls, environ: Mapping[str, str] | None = None, affinity: Collection[int] | None = None
+                 ) -> "ThreadBudget":
+        """The budget of this process from its affinity and the launcher's environment (both injectable for tests)."""
+        environ = os.environ if environ is None else environ
+        affinity = os.sched_getaffinity(0) if affinity is None else affinity
+        cores, reasons = len(affinity), [f"{len(affinity)} cores in the affinity mask"]
+        per_task = _positive_int(environ, "SLURM_CPUS_PER_TASK")
+        local_ranks = _positive_int(environ, "LOCAL_WORLD_SIZE") or 1
+        if per_task is not None:
+            cores = min(cores, per_task)
+            reasons.append(f"SLURM --cpus-per-task={per_task}")
+        elif local_ranks > 1:
+            cores //= local_ranks
+            reasons.append(f"shared by {local_ranks} ranks on this host")
+        test_workers = _positive_int(environ, "PYTEST_XDIST_WORKER_COUNT") or 1
+        if test_workers > 1:
+            cores //= test_workers
+            reasons.append(f"shared by {test_workers} test workers")
+        omp = _positive_int(environ, "OMP_NUM_THREADS")
+        if omp is not None:
+            reasons.append(f"torch threads from OMP_NUM_THREADS={omp}")
+        return cls(max(1, cores), omp, ", ".join(reasons))
+
+    def dali_threads(self, concurrent_pipelines: int, configured: int | None = None) -> int:
+        """Worker threads per DALI pipeline when ``concurrent_pipelines`` run at once (``data.num_threads`` wins):
+        half the cores, shared by the pipelines, at least one each."""
+        if configured is not None:
+            return configured
+        return max(1, self.cores // 2 // max(1, concurrent_pipelines))
+
+    def torch_threads(self, concurrent_pipelines: int, configured: int | None = None) -> int:
+        """torch's intra-op threads beside those pipelines: the cores they leave, at least one."""
+        if self.omp_threads is not None:
+            return self.omp_threads
+        return max(1, self.cores - concurrent_pipelines * self.dali_threads(concurrent_pipelines, configured))
+
+    def apply(self, concurrent_pipelines: int, configured: int | None = None) -> int:
+        """Sets torch's intra-op threads, logs the decision, returns the DALI threads per pipeline."""
+        torch_threads = self.torch_threads(concurrent_pipelines, configured)
+        torch.set_num_threads(torch_threads)
+        dali = self.dali_threads(concurrent_pipelines, configured)
+        log.info("threads: %d cores for this rank (%s): torch %d, DALI %d per pipeline x %d pipelines%s",
+                 self.cores, self.reason, torch_threads, dali, concurrent_pipelines,
+                 " (data.num_threads)" if configured is not None else "")
+        return dali
