@@ -1,6 +1,6 @@
 # The two commands of the README. Both create (or reuse) the virtual environment first
 # (scripts/setup_env.sh prints its python; a failed install stops here with the pip log).
-.PHONY: demo test test-gpu
+.PHONY: demo test test-gpu results
 demo:  ## install, build + pack the demo data, train on two domains, evaluate on the two unseen ones
 	@PY=$$(bash scripts/setup_env.sh) && $$PY -m dgucdir demo
 
@@ -9,3 +9,8 @@ test:  ## install and run the test suite on 2 workers (brings up private SLURM c
 
 test-gpu:  ## on a machine with a CUDA GPU: the gpu-marked tests, then the GPU benchmarks as JSON under runs/gpu-check
 	@PY=$$(bash scripts/setup_env.sh) && PYTHON=$$PY bash scripts/gpu_check.sh
+
+results:  ## docs/RESULTS.md from one commit: the demo's 5 standard variants and shapes' full/no_fourier/rgb_only, 3 seeds each (hours on a CPU; stops and continues)
+	@PY=$$(bash scripts/setup_env.sh) && \
+	$$PY -m dgucdir ablate configs/demo.yaml --out runs/results-demo --report docs/RESULTS.md && \
+	$$PY -m dgucdir ablate configs/shapes.yaml --variants full no_fourier rgb_only --out runs/results-shapes --report docs/RESULTS.md

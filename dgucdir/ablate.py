@@ -8,22 +8,33 @@ place with: a variant that does as well without a component is a finding, report
 The runs are children of one MLflow parent run per ablation folder (a sweep, as `dgucdir submit`
 makes), which gets the table, the bar chart and each variant's mean and std as metrics, so the
 ablation is compared in the MLflow UI like any sweep and `dgucdir runs --sweep` shows it too.
+
+Every row of a table comes from the same code: each run folder is stamped with a hash of the
+package's source and shipped configs (and the git commit, for people), and a run stamped by other
+code, or by none, is refused before any training, so an ablation can be stopped and continued
+without mixing versions. ``--report`` writes the table, what it shows, the chart and the per-seed
+figures as a section of a results file with the command, date, machine and commit.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
+import platform
 import statistics
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import ConfigError, load_config
+from .errors import UserError
 from .extras import pyplot
 from .runs import parent_run
-from .tracking import start_sweep_run, tracking_uri
+from .tracking import _git, start_sweep_run, tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +76,7 @@ class Ablation:
     seeds: list[int]
     variants: list[VariantResult]
     sweep: str
+    code: dict = field(default_factory=dict)  # code_version() of every run in the table
 
     def markdown(self) -> str:
         full = next((v for v in self.variants if v.name == "full"), None)
@@ -107,8 +119,27 @@ class Ablation:
                 out[f"{key}/mean"], out[f"{key}/std"] = v.stat(metric)
         return out
 
+    def findings(self) -> list[str]:
+        """Each variant against full on mAP@All, stated plainly: ahead, behind or within 2 standard deviations."""
+        full = next((v for v in self.variants if v.name == "full"), None)
+        if full is None or len(self.seeds) < 2:
+            return []
+        lines = []
+        f_mean, f_std = full.stat("mAP@All")
+        for v in self.variants:
+            if v is full:
+                continue
+            mean, std = v.stat("mAP@All")
+            delta, bar = f_mean - mean, 2 * max(f_std, std)
+            verdict = ("full is ahead by more than 2 standard deviations" if delta > bar else
+                       "full is behind by more than 2 standard deviations" if -delta > bar else
+                       "within 2 standard deviations: no measurable difference")
+            lines.append(f"- full vs {v.name} ({VARIANTS[v.name][0]}): mAP@All {f_mean:.2f} vs {mean:.2f}, "
+                         f"Δ {delta:+.2f} against 2 × std {bar:.2f}: {verdict}.")
+        return lines
+
     def to_json(self) -> str:
-        return json.dumps({"config": self.config, "seeds": self.seeds,
+        return json.dumps({"config": self.config, "seeds": self.seeds, "code": self.code,
                            "variants": [{"name": v.name, "overrides": v.overrides,
                                          "per_seed": {str(s): m for s, m in v.per_seed.items()}}
                                         for v in self.variants]}, indent=1)
@@ -121,12 +152,46 @@ def final_report(run_dir: Path, epochs: int) -> dict[str, float]:
     return json.loads(path.read_text())["mean"]
 
 
+STAMP = "ablation_code.json"
+
+
+def code_fingerprint(root: Path = Path(__file__).parent) -> str:
+    """A hash of the package's source and shipped configs: what decides a run's numbers (docs do not)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.suffix in (".py", ".yaml") and "__pycache__" not in p.parts):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def code_version() -> dict[str, str | bool | None]:
+    return {"code": code_fingerprint(), "commit": _git("rev-parse", "HEAD"),
+            "dirty": bool(_git("status", "--porcelain", "--untracked-files=no", "--", "."))}
+
+
+def check_stamps(run_dirs: list[Path], current: dict) -> None:
+    """Refuses, before any training, a run folder that other code (or no stamp) started: its numbers
+    would sit in one table with this code's."""
+    for run_dir in run_dirs:
+        if not run_dir.exists():
+            continue
+        stamp = run_dir / STAMP
+        theirs = json.loads(stamp.read_text()) if stamp.is_file() else None
+        if theirs is None or theirs["code"] != current["code"]:
+            what = (f"code {theirs['code']} (commit {theirs['commit']}{', modified' if theirs['dirty'] else ''})"
+                    if theirs else "code this ablation did not record")
+            raise UserError(f"{run_dir} was trained by {what}; this is code {current['code']} (commit "
+                            f"{current['commit']}): move it away (or choose another --out) to train it again, so that "
+                            "every row of the table comes from the same code")
+
+
 def run_ablation(config: str, overrides: list[str], variants: list[str], seeds: list[int], out: Path) -> Ablation:
     """Trains every (variant, seed) that has not finished yet, one after the other; returns the table."""
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise ConfigError(f"--variants: unknown {unknown}; known: {', '.join(VARIANTS)}")
     pyplot("the ablation chart")  # before hours of training, not after
+    current = code_version()
+    check_stamps([out / f"{name}-seed{seed}" for name in variants for seed in seeds], current)
     sweep = f"ablate-{out.resolve().name}"  # `dgucdir runs --sweep` shows the same table from MLflow
     base = load_config(config, overrides)
     uri = tracking_uri(base)
@@ -142,10 +207,13 @@ def run_ablation(config: str, overrides: list[str], variants: list[str], seeds: 
                     f"tracking.parent_run_id={parent}"]
             cfg = load_config(config, args)  # a bad override fails here, before any training
             log.info("ablation %s, seed %d -> %s", name, seed, run_dir)
+            if not (run_dir / STAMP).is_file():
+                run_dir.mkdir(parents=True, exist_ok=True)
+                (run_dir / STAMP).write_text(json.dumps(current, indent=1) + "\n")
             subprocess.run([sys.executable, "-m", "dgucdir", "train", config, *args, "--resume"], check=True)
             result.per_seed[seed] = final_report(run_dir, cfg.train.epochs)
         results.append(result)
-    ablation = Ablation(config, seeds, results, sweep)
+    ablation = Ablation(config, seeds, results, sweep, current)
     out.mkdir(parents=True, exist_ok=True)
     files = [out / "ablation.md", out / "ablation.json", out / "ablation.png"]
     files[0].write_text(ablation.markdown())
@@ -159,3 +227,39 @@ def run_ablation(config: str, overrides: list[str], variants: list[str], seeds: 
     for key, value in ablation.metrics().items():
         client.log_metric(parent, key, value)
     return ablation
+
+
+def write_report(report: Path, ablation: Ablation, out: Path, command: str) -> None:
+    """Writes (or replaces) this config's section of ``report``: the command, date, machine and code, the
+    table, what it shows, the chart and the per-seed figures (copied next to the report)."""
+    import shutil
+
+    import torch
+
+    assets = report.parent / "results"
+    assets.mkdir(parents=True, exist_ok=True)
+    name = Path(ablation.config).stem
+    shutil.copyfile(out / "ablation.json", assets / f"ablation_{name}.json")
+    shutil.copyfile(out / "ablation.png", assets / f"ablation_{name}.png")
+    machine = (f"{platform.machine()}, {len(os.sched_getaffinity(0))} cores, torch {torch.__version__}, "
+               + (torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"))
+    code = ablation.code
+    findings = ablation.findings() or ["- (one seed or no `full` row: nothing to compare)"]
+    begin, end = f"<!-- ablation {name} -->", f"<!-- end ablation {name} -->"
+    section = "\n".join([
+        begin, f"## {ablation.config}", "", "```bash", command, "```", "",
+        f"Measured {time.strftime('%Y-%m-%d')} on {machine}; code {code.get('code')} at commit "
+        f"{code.get('commit')}{' (modified)' if code.get('dirty') else ''}, every run of the table.", "",
+        ablation.markdown(), "What it shows (mean mAP@All over the unseen pairs; 2 × the larger std as the bar):", "",
+        *findings, "", f"![ablation of {ablation.config}](results/ablation_{name}.png)", "",
+        f"Per-seed figures: [results/ablation_{name}.json](results/ablation_{name}.json).", end])
+    text = report.read_text() if report.is_file() else (
+        "# Results\n\nGenerated by `make results` (`dgucdir ablate … --report docs/RESULTS.md` per set); "
+        "do not edit by hand.\n\n")
+    if begin in text:
+        head, rest = text.split(begin, 1)
+        text = head + section + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    report.write_text(text)
+

@@ -169,10 +169,15 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:
-    from .ablate import run_ablation
+    from .ablate import run_ablation, write_report
 
-    print(run_ablation(args.config, args.overrides, args.variants, args.seeds, Path(args.out)).markdown())
+    ablation = run_ablation(args.config, args.overrides, args.variants, args.seeds, Path(args.out))
+    print(ablation.markdown())
+    print("\n".join(ablation.findings()))
     print(f"saved: {Path(args.out) / 'ablation.md'}, {Path(args.out) / 'ablation.json'}")
+    if args.report:
+        write_report(Path(args.report), ablation, Path(args.out), "dgucdir ablate " + " ".join(sys.argv[2:]))
+        print(f"report: {args.report}")
     return 0
 
 
@@ -323,8 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("ablate", help="train the method and its ablations over seeds; table on unseen domains",
                        description="Trains each variant (the config plus a few overrides) for each seed with "
-                       "`dgucdir train` in its own folder under --out (finished ones are reused, interrupted "
-                       "ones resume) and tabulates mean P@1 and mAP@All over the unseen domain pairs.\n\nvariants:\n"
+                       "`dgucdir train` in its own folder under --out (finished ones are reused and interrupted "
+                       "ones resume, if the same code trained them; other code's runs are refused) and tabulates mean P@1 and mAP@All over the unseen domain pairs.\n\nvariants:\n"
                        + "\n".join(f"  {k:14} {d}" for k, (d, _) in VARIANTS.items()),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_config_args(p)
@@ -332,6 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"which variants (default: the standard ablations, {' '.join(STANDARD)})")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="train.seed values (default: 0 1 2)")
     p.add_argument("--out", default="runs/ablate", help="folder of the variants' runs and the table")
+    p.add_argument("--report", metavar="FILE", help="also write this config's section of a results file "
+                   "(e.g. docs/RESULTS.md): command, date, machine, commit, table, findings, chart")
     p.set_defaults(func=cmd_ablate)
 
     p = sub.add_parser("export", help="the trained encoder of a checkpoint as safetensors (weights + config)")
