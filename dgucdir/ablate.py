@@ -184,6 +184,15 @@ def check_stamps(run_dirs: list[Path], current: dict) -> None:
                             "every row of the table comes from the same code")
 
 
+def train_stamped(config: str, args: list[str], run_dir: Path, current: dict) -> None:
+    """`dgucdir train CONFIG ARGS --resume` in its own process, its folder stamped with the code first
+    (a finished run returns at once; an interrupted one resumes)."""
+    if not (run_dir / STAMP).is_file():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / STAMP).write_text(json.dumps(current, indent=1) + "\n")
+    subprocess.run([sys.executable, "-m", "dgucdir", "train", config, *args, "--resume"], check=True)
+
+
 def run_ablation(config: str, overrides: list[str], variants: list[str], seeds: list[int], out: Path) -> Ablation:
     """Trains every (variant, seed) that has not finished yet, one after the other; returns the table."""
     unknown = [v for v in variants if v not in VARIANTS]
@@ -207,10 +216,7 @@ def run_ablation(config: str, overrides: list[str], variants: list[str], seeds: 
                     f"tracking.parent_run_id={parent}"]
             cfg = load_config(config, args)  # a bad override fails here, before any training
             log.info("ablation %s, seed %d -> %s", name, seed, run_dir)
-            if not (run_dir / STAMP).is_file():
-                run_dir.mkdir(parents=True, exist_ok=True)
-                (run_dir / STAMP).write_text(json.dumps(current, indent=1) + "\n")
-            subprocess.run([sys.executable, "-m", "dgucdir", "train", config, *args, "--resume"], check=True)
+            train_stamped(config, args, run_dir, current)
             result.per_seed[seed] = final_report(run_dir, cfg.train.epochs)
         results.append(result)
     ablation = Ablation(config, seeds, results, sweep, current)

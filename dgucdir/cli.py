@@ -181,6 +181,15 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_select(args: argparse.Namespace) -> int:
+    from .selection import run_selection
+
+    run_selection(args.config, args.overrides, args.grid, args.seeds, Path(args.out), args.metric)
+    print((Path(args.out) / "selection.md").read_text())
+    print(f"saved: {Path(args.out) / 'selection.md'}, {Path(args.out) / 'selection.json'}")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from .model.loading import encoder_from_checkpoint, save_encoder
 
@@ -340,6 +349,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", metavar="FILE", help="also write this config's section of a results file "
                    "(e.g. docs/RESULTS.md): command, date, machine, commit, table, findings, chart")
     p.set_defaults(func=cmd_ablate)
+
+    p = sub.add_parser("select", help="choose a setting from a grid by retrieval between the training domains",
+                       description="Trains every point of the grid for every seed (as `dgucdir ablate` does: own "
+                       "folders, finished runs reused, other code's runs refused), scores each last checkpoint by "
+                       "retrieval between the *training* domains with their labels, and chooses the best mean "
+                       "score (ties: the earlier point). The unseen domains are never looked at: measure the "
+                       "chosen setting on them with `dgucdir ablate`.")
+    _add_config_args(p)
+    p.add_argument("--grid", action="append", required=True, metavar="KEY=V1;V2",
+                   help="one axis of the grid, values separated by ';' (repeat for more axes: every combination)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0], help="train.seed values (default: 0)")
+    p.add_argument("--metric", default="mAP@All", help="the score, from the retrieval report (default: mAP@All)")
+    p.add_argument("--out", default="runs/select", help="folder of the grid's runs and the selection")
+    p.set_defaults(func=cmd_select)
 
     p = sub.add_parser("export", help="the trained encoder of a checkpoint as safetensors (weights + config)")
     p.add_argument("checkpoint", help="checkpoint folder (ckpt-*) or its state.pt")
