@@ -9,6 +9,7 @@ float64), so the ratio is measured on the same machine, the same data and the sa
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
 import platform
@@ -153,7 +154,8 @@ def bench_loader(manifest_path: str, size: int, batch: int, steps: int, rounds: 
         concurrent = len(domains) + int(partner == "per_view_raw")
         dali_threads = ThreadBudget(cores, None, "benchmark").apply(concurrent)
         loader = MultiDomainLoader(cfg, manifest, batch, PipelineSpec.for_device(size, dali_threads, device), device)
-        it = loader.epoch(0, num_steps=steps + 1)
+        # as many epochs as the steps need (a small benchmark set at a large batch has few steps per epoch)
+        it = itertools.islice(itertools.chain.from_iterable(loader.epoch(e) for e in itertools.count()), steps + 1)
         next(it)  # pipeline build and first batch
         start = time.perf_counter()
         count = sum(len(b) for b in it)

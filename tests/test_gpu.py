@@ -58,6 +58,22 @@ def test_training_batches_from_the_gpu_pipeline_match_the_cpu_pipeline(tmp_path,
         assert abs(getattr(g, name).mean().item() - getattr(c, name).mean().item()) < 0.2, name
 
 
+def test_the_partner_bank_lives_on_the_gpu_and_draws_as_on_the_cpu(tmp_path, demo_manifest):
+    """augment.partner=bank on a GPU: the bank's images are on the device, filled from nvJPEG's decode;
+    the same seeds draw the same partners as on the CPU, and their pixels agree up to decoding."""
+    cfg = load_config(tiny_config(tmp_path, demo_manifest, "bank"), ["augment.partner=bank"])
+    manifest = Manifest.load(demo_manifest)
+    loaders = [MultiDomainLoader(cfg, manifest, 16, _spec(device, cfg.data.image_size), device) for device in (CPU, CUDA)]
+    c, g = ([b for _, b in zip(range(3), loader.epoch(0))] for loader in loaders)
+    assert loaders[1].bank.images.is_cuda
+    for bc, bg in zip(c, g):
+        assert torch.equal(bg.partner_domain.cpu(), bc.partner_domain)
+        assert torch.equal(bg.partner_index.cpu(), bc.partner_index)
+    domain, slot, _ = loaders[0].bank.occupied()
+    diff = (loaders[1].bank.gather(domain, slot).cpu().float() - loaders[0].bank.gather(domain, slot).float()).abs()
+    assert diff.mean() < 1.0, diff.mean()
+
+
 def test_fourier_on_cuda_matches_cpu():
     """cuFFT and the CPU FFT give the same mixed views and phase images, up to one level at truncation."""
     gen = torch.Generator().manual_seed(0)
