@@ -42,6 +42,8 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "full": ("the method as configured", []),
     "batch_partner": ("Fourier partner: another sample's augmented view, shared by both views",
                       ["augment.partner=shared_batch"]),
+    "bank_partner": ("Fourier partner: each view its own raw image, from the bank of images already decoded",
+                     ["augment.partner=bank"]),
     "no_phase_mix": ("amplitude mix only (no low-frequency phase mix)", ["augment.hpf_range=0"]),
     "no_fourier": ("no Fourier mixing (phase images still used)", ["augment.fourier=false"]),
     "no_cluster": ("no cluster-wise contrastive loss", ["loss.cluster=false"]),
