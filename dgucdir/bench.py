@@ -152,7 +152,7 @@ def bench_loader(manifest_path: str, size: int, batch: int, steps: int, rounds: 
     def samples_per_s(cores: int, partner: str, order: str = "global") -> float:
         cfg = loader_config(domains, size, partner, order)
         concurrent = len(domains) + int(partner == "per_view_raw")
-        dali_threads = ThreadBudget(cores, None, "benchmark").apply(concurrent)
+        dali_threads = ThreadBudget(cores, budget.omp_threads, "benchmark").apply(concurrent)
         loader = MultiDomainLoader(cfg, manifest, batch, PipelineSpec.for_device(size, dali_threads, device), device)
         # as many epochs as the steps need (a small benchmark set at a large batch has few steps per epoch)
         it = itertools.islice(itertools.chain.from_iterable(loader.epoch(e) for e in itertools.count()), steps + 1)
@@ -183,7 +183,7 @@ def bench_loader(manifest_path: str, size: int, batch: int, steps: int, rounds: 
         views = naive_views(data, blobs[(i + 7) % len(blobs)], size, transform)
         [torch.from_numpy(v.copy()) for v in views]
     result["naive_1_thread_samples_s"] = len(blobs) / (time.perf_counter() - start)
-    torch.set_num_threads(budget.torch_threads(len(domains)))
+    torch.set_num_threads(budget.torch_threads)
     result["speedup_per_core"] = result["ours_1_thread_samples_s"] / result["naive_1_thread_samples_s"]
     return result
 

@@ -8,12 +8,13 @@ The budget starts from the cores this process may run on (``os.sched_getaffinity
 SLURM's ``--cpus-per-task`` when the job has one (a task's own share), otherwise divides by the
 ranks launched on this host (``LOCAL_WORLD_SIZE``, set by accelerate/torchrun and by
 ``dgucdir submit``), and by the test workers (``PYTEST_XDIST_WORKER_COUNT``) when under pytest-xdist.
-The cores are then split between the two pools that run at the same time: the DALI pipelines
-(prefetching in the background) share half of them, and torch's intra-op pool, on the thread
-that runs the Fourier stage and the training step, gets the rest. On a 2-core machine that is
-torch 1 and DALI 1 per pipeline, measured a little faster than torch on both cores (BENCHMARKS.md),
-since two pools that each assume the whole machine slow each other down. An explicit
-``OMP_NUM_THREADS`` (torchrun sets 1 for several local ranks) fixes torch's share instead.
+Torch's intra-op pool gets all of the rank's cores: on a CPU the training step is the bulk of the
+work (the demo's training measured 237 samples/s with torch on both of 2 cores against 163 with
+one, `dgucdir bench train`, BENCHMARKS.md), and on a GPU node its threads mostly wait. The DALI
+pipelines that run at the same time (one per training domain, one more for raw per-view partners)
+share the same cores, at least one thread each: their workers sleep once the prefetch queue is
+full. An explicit ``OMP_NUM_THREADS`` (torchrun sets 1 for several local ranks) sets torch's share
+instead, and ``data.num_threads`` DALI's.
 """
 
 from __future__ import annotations
@@ -65,20 +66,19 @@ class ThreadBudget:
 
     def dali_threads(self, concurrent_pipelines: int, configured: int | None = None) -> int:
         """Worker threads per DALI pipeline when ``concurrent_pipelines`` run at once (``data.num_threads`` wins):
-        half the cores, shared by the pipelines, at least one each."""
+        the rank's cores shared by the pipelines, at least one each."""
         if configured is not None:
             return configured
-        return max(1, self.cores // 2 // max(1, concurrent_pipelines))
+        return max(1, self.cores // max(1, concurrent_pipelines))
 
-    def torch_threads(self, concurrent_pipelines: int, configured: int | None = None) -> int:
-        """torch's intra-op threads beside those pipelines: the cores they leave, at least one."""
-        if self.omp_threads is not None:
-            return self.omp_threads
-        return max(1, self.cores - concurrent_pipelines * self.dali_threads(concurrent_pipelines, configured))
+    @property
+    def torch_threads(self) -> int:
+        """torch's intra-op threads: every core of the rank, or an explicit OMP_NUM_THREADS."""
+        return self.omp_threads if self.omp_threads is not None else self.cores
 
     def apply(self, concurrent_pipelines: int, configured: int | None = None) -> int:
         """Sets torch's intra-op threads, logs the decision, returns the DALI threads per pipeline."""
-        torch_threads = self.torch_threads(concurrent_pipelines, configured)
+        torch_threads = self.torch_threads
         torch.set_num_threads(torch_threads)
         dali = self.dali_threads(concurrent_pipelines, configured)
         log.info("threads: %d cores for this rank (%s): torch %d, DALI %d per pipeline x %d pipelines%s",

@@ -9,17 +9,13 @@ from dgucdir.threads import ThreadBudget
 TWO, SIXTY_FOUR = range(2), range(64)
 
 
-def test_a_lone_process_splits_its_affinity_between_the_pipelines_and_torch():
+def test_a_lone_process_gives_torch_its_cores_and_the_pipelines_share_them():
     budget = ThreadBudget.for_rank({}, SIXTY_FOUR)
-    assert budget.cores == 64
-    assert (budget.dali_threads(2), budget.torch_threads(2)) == (16, 32)  # 2 x 16 DALI + 32 torch = 64
-    assert (budget.dali_threads(3), budget.torch_threads(3)) == (10, 34)
-    assert (budget.dali_threads(1), budget.torch_threads(1)) == (32, 32)
+    assert (budget.cores, budget.torch_threads) == (64, 64)
+    assert (budget.dali_threads(2), budget.dali_threads(3), budget.dali_threads(1)) == (32, 21, 64)
     two = ThreadBudget.for_rank({}, TWO)
-    assert two.cores == 2
-    assert (two.dali_threads(2), two.torch_threads(2)) == (1, 1)  # never below one thread each
-    assert (two.dali_threads(3), two.torch_threads(3)) == (1, 1)
-    assert (two.dali_threads(1), two.torch_threads(1)) == (1, 1)
+    assert (two.cores, two.torch_threads) == (2, 2)
+    assert (two.dali_threads(2), two.dali_threads(3), two.dali_threads(1)) == (1, 1, 2)  # at least one each
 
 
 def test_local_ranks_slurm_tasks_and_test_workers_divide_the_cores():
@@ -30,20 +26,19 @@ def test_local_ranks_slurm_tasks_and_test_workers_divide_the_cores():
     assert ThreadBudget.for_rank({"SLURM_CPUS_PER_TASK": "10"}, range(6)).cores == 6  # bound tighter than asked
     assert ThreadBudget.for_rank({"PYTEST_XDIST_WORKER_COUNT": "2"}, TWO).cores == 1
     both = ThreadBudget.for_rank({"PYTEST_XDIST_WORKER_COUNT": "2", "LOCAL_WORLD_SIZE": "2"}, TWO)
-    assert both.cores == 1 and both.dali_threads(2) == 1 and both.torch_threads(2) == 1
+    assert both.cores == 1 and both.dali_threads(2) == 1 and both.torch_threads == 1
     assert ThreadBudget.for_rank({"LOCAL_WORLD_SIZE": "garbage"}, TWO).cores == 2
 
 
 def test_an_explicit_omp_setting_and_data_num_threads_win(caplog):
     budget = ThreadBudget.for_rank({"OMP_NUM_THREADS": "1", "LOCAL_WORLD_SIZE": "8"}, SIXTY_FOUR)
-    assert (budget.cores, budget.torch_threads(2), budget.dali_threads(2)) == (8, 1, 2)
+    assert (budget.cores, budget.torch_threads, budget.dali_threads(2)) == (8, 1, 4)
     assert budget.dali_threads(2, configured=6) == 6
-    assert ThreadBudget.for_rank({}, range(16)).torch_threads(2, configured=3) == 10  # what 2 x 3 DALI leave
     before = torch.get_num_threads()
     try:
         with caplog.at_level(logging.INFO, logger="dgucdir.threads"):
-            assert ThreadBudget.for_rank({}, range(4)).apply(2) == 1
-        assert torch.get_num_threads() == 2
-        assert "4 cores for this rank" in caplog.text and "torch 2, DALI 1 per pipeline x 2 pipelines" in caplog.text
+            assert ThreadBudget.for_rank({}, range(4)).apply(2) == 2
+        assert torch.get_num_threads() == 4
+        assert "4 cores for this rank" in caplog.text and "torch 4, DALI 2 per pipeline x 2 pipelines" in caplog.text
     finally:
         torch.set_num_threads(before)
