@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
 from pathlib import Path
 
@@ -176,7 +177,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     print("\n".join(ablation.findings()))
     print(f"saved: {Path(args.out) / 'ablation.md'}, {Path(args.out) / 'ablation.json'}")
     if args.report:
-        write_report(Path(args.report), ablation, Path(args.out), "dgucdir ablate " + " ".join(sys.argv[2:]))
+        write_report(Path(args.report), ablation, Path(args.out), shlex.join(["dgucdir", "ablate", *sys.argv[2:]]))
         print(f"report: {args.report}")
     return 0
 
@@ -338,7 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ablate", help="train the method and its ablations over seeds; table on unseen domains",
                        description="Trains each variant (the config plus a few overrides) for each seed with "
                        "`dgucdir train` in its own folder under --out (finished ones are reused and interrupted "
-                       "ones resume, if the same code trained them; other code's runs are refused) and tabulates mean P@1 and mAP@All over the unseen domain pairs.\n\nvariants:\n"
+                       "ones resume, if the same code trained them; other code's runs are refused) and tabulates "
+                       "mean P@1 and mAP@All over the unseen domain pairs.\n\nvariants:\n"
                        + "\n".join(f"  {k:14} {d}" for k, (d, _) in VARIANTS.items()),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_config_args(p)

@@ -14,13 +14,13 @@ Reading order (``data.order``):
   ``data.shuffle_buffer`` samples around the order fixed at pack time (kept for comparison).
 
 Fourier partners (``augment.partner``):
-- ``bank`` (default): every view gets its own partner, a raw training image (decoded, resized to the
-  training size, no augmentation) drawn from a bank of the raw images this rank's training pipeline
-  has already decoded (:mod:`.partner_bank`): the original's kind of partner, at no extra decode.
-- ``per_view_raw`` (the original's exact distribution): every view its own raw partner, drawn
-  uniformly with replacement from all training images of all training domains, as the original's
+- ``per_view_raw`` (default, the original's exact distribution): every view gets its *own* partner,
+  a raw training image (decoded, resized to the training size, no augmentation) drawn uniformly with
+  replacement from all training images of all training domains, as the original's
   ``random.randint``; a rank reads them by index through one extra DALI pipeline (two more decodes
   per sample).
+- ``bank``: the same kind of partner, drawn from a bank of the raw images this rank's training
+  pipeline has already decoded (:mod:`.partner_bank`): no decode of its own.
 - ``shared_batch`` (kept for the ablation): both views of a sample share one partner, another
   sample's MoCo-augmented view from the same rank's batch.
 """
