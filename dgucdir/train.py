@@ -185,6 +185,9 @@ class Trainer:
         log.info("world size %d, %d samples per rank per step (%d per domain), %d steps per epoch, queue %.1f MiB per rank",
                  self.world, self.rank_batch, self.loader.per_domain, self.steps_per_epoch,
                  sum(q.memory_bytes() for q in (self.core.rgb_queue, self.core.phase_queue) if q is not None) / 2**20)
+        if self.loader.bank is not None:
+            log.info("Fourier partner bank: %d raw images per domain, %.1f MiB per rank on %s", self.loader.bank.slots,
+                     self.loader.bank.memory_bytes() / 2**20, self.device)
 
     # ------------------------------------------------------------------ state
     def save_checkpoint(self) -> Path:
