@@ -1,4 +1,4 @@
-"""FourierAugment against an independent numpy float64 implementation of the issue's formulas."""
+"""FourierAugment against an independent numpy float64 implementation of the method's formulas."""
 
 import numpy as np
 import pytest
