@@ -137,7 +137,7 @@ def bench_loader(manifest_path: str, size: int, batch: int, steps: int, rounds: 
     kept: on a shared machine the best is the least disturbed figure, and interleaving keeps a slow
     stretch from landing on one mode. Threads follow the rank's budget (:mod:`dgucdir.threads`).
     """
-    from .data.loader import MultiDomainLoader
+    from .data.loader import MultiDomainLoader, concurrent_pipelines
     from .data.manifest import Manifest
     from .data.pipeline import PipelineSpec
     from .threads import ThreadBudget
@@ -151,8 +151,7 @@ def bench_loader(manifest_path: str, size: int, batch: int, steps: int, rounds: 
 
     def samples_per_s(cores: int, partner: str, order: str = "global") -> float:
         cfg = loader_config(domains, size, partner, order)
-        concurrent = len(domains) + int(partner == "per_view_raw")
-        dali_threads = ThreadBudget(cores, budget.omp_threads, "benchmark").apply(concurrent)
+        dali_threads = ThreadBudget(cores, budget.omp_threads, "benchmark").apply(concurrent_pipelines(cfg))
         loader = MultiDomainLoader(cfg, manifest, batch, PipelineSpec.for_device(size, dali_threads, device), device)
         # as many epochs as the steps need (a small benchmark set at a large batch has few steps per epoch)
         it = itertools.islice(itertools.chain.from_iterable(loader.epoch(e) for e in itertools.count()), steps + 1)

@@ -8,12 +8,13 @@ The budget starts from the cores this process may run on (``os.sched_getaffinity
 SLURM's ``--cpus-per-task`` when the job has one (a task's own share), otherwise divides by the
 ranks launched on this host (``LOCAL_WORLD_SIZE``, set by accelerate/torchrun and by
 ``dgucdir submit``), and by the test workers (``PYTEST_XDIST_WORKER_COUNT``) when under pytest-xdist.
-Torch's intra-op pool gets all of the rank's cores: on a CPU the training step is the bulk of the
-work (the demo's training measured 237 samples/s with torch on both of 2 cores against 163 with
-one, `dgucdir bench train`, BENCHMARKS.md), and on a GPU node its threads mostly wait. The DALI
-pipelines that run at the same time (one per training domain, one more for raw per-view partners)
-share the same cores, at least one thread each: their workers sleep once the prefetch queue is
-full. An explicit ``OMP_NUM_THREADS`` (torchrun sets 1 for several local ranks) sets torch's share
+Both pools get all of the rank's cores. Torch's intra-op pool, because on a CPU the training step
+is the bulk of the work: the demo trained at 140 samples/s with torch on one of 2 cores against
+191–202 on both. Each DALI pipeline too, because the pipelines and torch take turns (DALI fills its
+prefetch queue while torch computes, then sleeps): 1 or 2 threads per pipeline made no difference
+beyond this machine's run-to-run noise (`dgucdir bench train`, BENCHMARKS.md). What the budget
+prevents is ranks oversubscribing each other: 8 ranks on a 64-core node get 8 cores each, not 64.
+An explicit ``OMP_NUM_THREADS`` (torchrun sets 1 for several local ranks) sets torch's share
 instead, and ``data.num_threads`` DALI's.
 """
 
@@ -64,12 +65,9 @@ class ThreadBudget:
             reasons.append(f"torch threads from OMP_NUM_THREADS={omp}")
         return cls(max(1, cores), omp, ", ".join(reasons))
 
-    def dali_threads(self, concurrent_pipelines: int, configured: int | None = None) -> int:
-        """Worker threads per DALI pipeline when ``concurrent_pipelines`` run at once (``data.num_threads`` wins):
-        the rank's cores shared by the pipelines, at least one each."""
-        if configured is not None:
-            return configured
-        return max(1, self.cores // max(1, concurrent_pipelines))
+    def dali_threads(self, configured: int | None = None) -> int:
+        """Worker threads per DALI pipeline: the rank's cores, or ``data.num_threads`` when set."""
+        return configured if configured is not None else self.cores
 
     @property
     def torch_threads(self) -> int:
@@ -80,7 +78,7 @@ class ThreadBudget:
         """Sets torch's intra-op threads, logs the decision, returns the DALI threads per pipeline."""
         torch_threads = self.torch_threads
         torch.set_num_threads(torch_threads)
-        dali = self.dali_threads(concurrent_pipelines, configured)
+        dali = self.dali_threads(configured)
         log.info("threads: %d cores for this rank (%s): torch %d, DALI %d per pipeline x %d pipelines%s",
                  self.cores, self.reason, torch_threads, dali, concurrent_pipelines,
                  " (data.num_threads)" if configured is not None else "")

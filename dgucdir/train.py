@@ -20,7 +20,7 @@ import math
 import shutil
 import signal
 import sys
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
 
@@ -34,7 +34,7 @@ from .checkpoint import Checkpointer, StateFns, list_checkpoints
 from .cluster import ClusterSlot, ClusterState, run_kmeans
 from .cluster_features import training_features
 from .config import Config, ConfigError, flatten, from_dict, to_dict, to_yaml
-from .data.loader import Batch, MultiDomainLoader
+from .data.loader import Batch, MultiDomainLoader, concurrent_pipelines
 from .data.manifest import Manifest
 from .data.pipeline import PipelineSpec
 from .errors import CheckpointSpaceError, UserError
@@ -144,10 +144,8 @@ class Trainer:
         self.out_dir = Path(cfg.train.output_dir)
         seed_process(cfg.train.seed, self.rank)
         budget = ThreadBudget.for_rank()
-        concurrent = len(cfg.data.train_domains) + int(cfg.augment.fourier and cfg.augment.partner == "per_view_raw")
-        self.spec = PipelineSpec.for_device(cfg.data.image_size, budget.apply(concurrent, cfg.data.num_threads),
-                                            self.device, self.rank, self.world)
-        self.eval_spec = replace(self.spec, num_threads=budget.dali_threads(1, cfg.data.num_threads))  # one at a time
+        dali_threads = budget.apply(concurrent_pipelines(cfg), cfg.data.num_threads)
+        self.spec = PipelineSpec.for_device(cfg.data.image_size, dali_threads, self.device, self.rank, self.world)
         self.loader = MultiDomainLoader(cfg, self.manifest, self.rank_batch, self.spec, self.device)
         model = build_model(cfg, len(cfg.data.train_domains), self.rank_batch, self.device)
         optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr,
@@ -239,7 +237,7 @@ class Trainer:
     @torch.no_grad()
     def compute_clusters(self) -> ClusterState:
         """k-means on the pooled features of the training images' colour phase images; each rank embeds its shard."""
-        feats, _, domains, indices = training_features(self.core.encoder_q, self.cfg, self.manifest, self.eval_spec,
+        feats, _, domains, indices = training_features(self.core.encoder_q, self.cfg, self.manifest, self.spec,
                                                        self.device, self.precision)
         lc = self.cfg.loss
         result = run_kmeans(lc.kmeans, feats, lc.num_clusters, lc.kmeans_niter, lc.kmeans_nredo,
@@ -254,7 +252,7 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
     def run_eval(self, tag: str) -> EvalReport:
         dist.broadcast_buffers(self.core.encoder_q)  # the evaluated model is the checkpointed one on every rank
-        report, files = evaluate(self.core.encoder_q, self.manifest, self.cfg.data.eval_domains, self.eval_spec,
+        report, files = evaluate(self.core.encoder_q, self.manifest, self.cfg.data.eval_domains, self.spec,
                                  self.cfg.eval, self.device, self.out_dir / "eval" / tag,
                                  precision=self.precision)
         self._check_ranks_agree(report)

@@ -17,7 +17,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from dgucdir.bench import PARTNER_MODES, loader_config
-from dgucdir.data.loader import MultiDomainLoader
+from dgucdir.data.loader import MultiDomainLoader, concurrent_pipelines
 from dgucdir.data.manifest import Manifest
 from dgucdir.data.pipeline import PipelineSpec
 from dgucdir.threads import ThreadBudget
@@ -26,9 +26,9 @@ from dgucdir.threads import ThreadBudget
 def profile_mode(manifest: Manifest, partner: str, size: int, batch: int, steps: int, top: int) -> dict:
     domains = list(manifest.domains)[:2]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    concurrent = len(domains) + int(partner == "per_view_raw")
-    spec = PipelineSpec.for_device(size, ThreadBudget.for_rank().apply(concurrent), device)
-    loader = MultiDomainLoader(loader_config(domains, size, partner, "global"), manifest, batch, spec, device)
+    cfg = loader_config(domains, size, partner, "global")
+    spec = PipelineSpec.for_device(size, ThreadBudget.for_rank().apply(concurrent_pipelines(cfg)), device)
+    loader = MultiDomainLoader(cfg, manifest, batch, spec, device)
     it = loader.epoch(0, num_steps=steps + 1)
     next(it)  # pipeline build and first batch
     wait0, start = loader.data_wait_s, time.perf_counter()

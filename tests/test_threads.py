@@ -9,13 +9,11 @@ from dgucdir.threads import ThreadBudget
 TWO, SIXTY_FOUR = range(2), range(64)
 
 
-def test_a_lone_process_gives_torch_its_cores_and_the_pipelines_share_them():
+def test_a_lone_process_gives_torch_and_each_pipeline_its_cores():
     budget = ThreadBudget.for_rank({}, SIXTY_FOUR)
-    assert (budget.cores, budget.torch_threads) == (64, 64)
-    assert (budget.dali_threads(2), budget.dali_threads(3), budget.dali_threads(1)) == (32, 21, 64)
+    assert (budget.cores, budget.torch_threads, budget.dali_threads()) == (64, 64, 64)
     two = ThreadBudget.for_rank({}, TWO)
-    assert (two.cores, two.torch_threads) == (2, 2)
-    assert (two.dali_threads(2), two.dali_threads(3), two.dali_threads(1)) == (1, 1, 2)  # at least one each
+    assert (two.cores, two.torch_threads, two.dali_threads()) == (2, 2, 2)
 
 
 def test_local_ranks_slurm_tasks_and_test_workers_divide_the_cores():
@@ -26,19 +24,19 @@ def test_local_ranks_slurm_tasks_and_test_workers_divide_the_cores():
     assert ThreadBudget.for_rank({"SLURM_CPUS_PER_TASK": "10"}, range(6)).cores == 6  # bound tighter than asked
     assert ThreadBudget.for_rank({"PYTEST_XDIST_WORKER_COUNT": "2"}, TWO).cores == 1
     both = ThreadBudget.for_rank({"PYTEST_XDIST_WORKER_COUNT": "2", "LOCAL_WORLD_SIZE": "2"}, TWO)
-    assert both.cores == 1 and both.dali_threads(2) == 1 and both.torch_threads == 1
+    assert both.cores == 1 and both.dali_threads() == 1 and both.torch_threads == 1
     assert ThreadBudget.for_rank({"LOCAL_WORLD_SIZE": "garbage"}, TWO).cores == 2
 
 
 def test_an_explicit_omp_setting_and_data_num_threads_win(caplog):
     budget = ThreadBudget.for_rank({"OMP_NUM_THREADS": "1", "LOCAL_WORLD_SIZE": "8"}, SIXTY_FOUR)
-    assert (budget.cores, budget.torch_threads, budget.dali_threads(2)) == (8, 1, 4)
-    assert budget.dali_threads(2, configured=6) == 6
+    assert (budget.cores, budget.torch_threads, budget.dali_threads()) == (8, 1, 8)
+    assert budget.dali_threads(configured=6) == 6
     before = torch.get_num_threads()
     try:
         with caplog.at_level(logging.INFO, logger="dgucdir.threads"):
-            assert ThreadBudget.for_rank({}, range(4)).apply(2) == 2
+            assert ThreadBudget.for_rank({}, range(4)).apply(2) == 4
         assert torch.get_num_threads() == 4
-        assert "4 cores for this rank" in caplog.text and "torch 4, DALI 2 per pipeline x 2 pipelines" in caplog.text
+        assert "4 cores for this rank" in caplog.text and "torch 4, DALI 4 per pipeline x 2 pipelines" in caplog.text
     finally:
         torch.set_num_threads(before)

@@ -72,6 +72,12 @@ class Batch:
         return self.q_rgb.shape[0]
 
 
+def concurrent_pipelines(cfg: Config) -> int:
+    """How many training DALI pipelines run at once (one per training domain, one more for per-view raw
+    partners): what a rank's thread budget shares between them."""
+    return len(cfg.data.train_domains) + int(cfg.augment.fourier and cfg.augment.partner == "per_view_raw")
+
+
 class MultiDomainLoader:
     """Yields :class:`Batch` with exactly batch/n_domains samples per training domain per rank.
 
