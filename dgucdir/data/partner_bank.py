@@ -93,4 +93,3 @@ class PartnerBank:
     def restore(self, domain: torch.Tensor, slot: torch.Tensor, images: torch.Tensor) -> None:
         """Puts the decoded raw images of :meth:`occupied` back into their slots."""
         self.images[domain.to(self.images.device), slot.to(self.images.device)] = images.to(self.images.device)
-        self.needs_restore = False
