@@ -75,7 +75,8 @@ class ThreadBudget:
         return self.omp_threads if self.omp_threads is not None else self.cores
 
     def apply(self, concurrent_pipelines: int, configured: int | None = None) -> int:
-        """Sets torch's intra-op threads, logs the decision, returns the DALI threads per pipeline."""
+        """Sets torch's intra-op threads, logs the decision (with the pipeline count), returns the DALI threads
+        per pipeline."""
         torch_threads = self.torch_threads
         torch.set_num_threads(torch_threads)
         dali = self.dali_threads(configured)

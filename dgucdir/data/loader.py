@@ -74,7 +74,7 @@ class Batch:
 
 def concurrent_pipelines(cfg: Config) -> int:
     """How many training DALI pipelines run at once (one per training domain, one more for per-view raw
-    partners): what a rank's thread budget shares between them."""
+    partners): the thread budget's log line reports it, so the total of DALI threads can be read off."""
     return len(cfg.data.train_domains) + int(cfg.augment.fourier and cfg.augment.partner == "per_view_raw")
 
 
