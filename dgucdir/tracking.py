@@ -8,6 +8,7 @@ A resumed job passes the run id from its checkpoint and continues the same run.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import subprocess
@@ -89,22 +90,43 @@ def sqlite_folder(uri: str) -> Path | None:
     return Path(uri[len(SQLITE):]).parent if uri.startswith(SQLITE) else None
 
 
-def use_store(mlflow: Any, uri: str) -> None:
-    """Points MLflow at ``uri``, creating the folder of a SQLite store (SQLite does not)."""
+@contextlib.contextmanager
+def store_lock(uri: str) -> Iterator[None]:
+    """Holds an exclusive lock on a file beside a SQLite store, a no-op for any other store.
+
+    MLflow creates a SQLite store's tables, and an experiment, on first use without a lock of its own:
+    two jobs started together on a fresh store (two seeds of a sweep, two `dgucdir select` streams)
+    both find no tables, and the second fails with "duplicate column name"."""
     folder = sqlite_folder(uri)
-    if folder is not None:
-        folder.mkdir(parents=True, exist_ok=True)
-    mlflow.set_tracking_uri(uri)
+    if folder is None:
+        yield
+        return
+    folder.mkdir(parents=True, exist_ok=True)  # SQLite does not create it
+    with open(folder / f"{Path(uri[len(SQLITE):]).name}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def use_store(mlflow: Any, uri: str) -> None:
+    """Points MLflow at ``uri`` and lets it create the store's tables, one job at a time."""
+    with store_lock(uri):
+        mlflow.set_tracking_uri(uri)
+        mlflow.MlflowClient(uri).search_experiments(max_results=1)  # the first client creates the tables
 
 
 def experiment_for(mlflow: Any, uri: str, name: str) -> str:
-    """The id of experiment ``name`` (created if new, with its artifacts beside a SQLite store)."""
-    experiment = mlflow.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    folder = sqlite_folder(uri)  # artifacts beside the store, never in the current folder
-    artifacts = (folder / "mlartifacts").as_uri() if folder is not None else None
-    return mlflow.create_experiment(name, artifact_location=artifacts)
+    """The id of experiment ``name`` (created if new, with its artifacts beside a SQLite store); under the
+    store's lock, so that two jobs starting together create it once."""
+    with store_lock(uri):
+        experiment = mlflow.get_experiment_by_name(name)
+        if experiment is not None:
+            return experiment.experiment_id
+        folder = sqlite_folder(uri)  # artifacts beside the store, never in the current folder
+        artifacts = (folder / "mlartifacts").as_uri() if folder is not None else None
+        return mlflow.create_experiment(name, artifact_location=artifacts)
 
 
 def start_sweep_run(cfg: Config, uri: str, sweep_id: str, jobs: list[list[str]]) -> str:
