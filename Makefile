@@ -12,5 +12,5 @@ test-gpu:  ## on a machine with a CUDA GPU: the gpu-marked tests, then the GPU b
 
 results:  ## docs/RESULTS.md from one commit: the demo's 5 standard variants and shapes' full/no_fourier/rgb_only, 3 seeds each (hours on a CPU; stops and continues)
 	@PY=$$(bash scripts/setup_env.sh) && \
-	$$PY -m dgucdir ablate configs/demo.yaml --out runs/results-demo --report docs/RESULTS.md && \
-	$$PY -m dgucdir ablate configs/shapes.yaml --variants full no_fourier rgb_only --out runs/results-shapes --report docs/RESULTS.md
+	$$PY -m dgucdir ablate configs/demo.yaml --jobs $${JOBS:-2} --out runs/results-demo --report docs/RESULTS.md && \
+	$$PY -m dgucdir ablate configs/shapes.yaml --jobs $${JOBS:-2} --variants full no_fourier rgb_only --out runs/results-shapes --report docs/RESULTS.md

@@ -32,6 +32,19 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=5 data.train_domains=[a,b]")
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected 1 or more, got {value}")
+    return value
+
+
+def _add_jobs_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--jobs", type=_positive, default=1, metavar="N",
+                   help="trainings run at once on this machine (default 1), each with 1/N of the cores and its "
+                   "output in RUN/train.log: on a CPU one small run leaves cores idle between steps")
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     if args.schema:
         from .config import schema
@@ -172,7 +185,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 def cmd_ablate(args: argparse.Namespace) -> int:
     from .ablate import run_ablation, write_report
 
-    ablation = run_ablation(args.config, args.overrides, args.variants, args.seeds, Path(args.out))
+    ablation = run_ablation(args.config, args.overrides, args.variants, args.seeds, Path(args.out), args.jobs)
     print(ablation.markdown())
     print("\n".join(ablation.findings()))
     print(f"saved: {Path(args.out) / 'ablation.md'}, {Path(args.out) / 'ablation.json'}")
@@ -185,7 +198,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 def cmd_select(args: argparse.Namespace) -> int:
     from .selection import run_selection
 
-    run_selection(args.config, args.overrides, args.grid, args.seeds, Path(args.out), args.metric)
+    run_selection(args.config, args.overrides, args.grid, args.seeds, Path(args.out), args.metric, args.jobs)
     print((Path(args.out) / "selection.md").read_text())
     print(f"saved: {Path(args.out) / 'selection.md'}, {Path(args.out) / 'selection.json'}")
     return 0
@@ -350,6 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/ablate", help="folder of the variants' runs and the table")
     p.add_argument("--report", metavar="FILE", help="also write this config's section of a results file "
                    "(e.g. docs/RESULTS.md): command, date, machine, commit, table, findings, chart")
+    _add_jobs_arg(p)
     p.set_defaults(func=cmd_ablate)
 
     p = sub.add_parser("select", help="choose a setting from a grid by retrieval between the training domains",
@@ -364,6 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="train.seed values (default: 0)")
     p.add_argument("--metric", default="mAP@All", help="the score, from the retrieval report (default: mAP@All)")
     p.add_argument("--out", default="runs/select", help="folder of the grid's runs and the selection")
+    _add_jobs_arg(p)
     p.set_defaults(func=cmd_select)
 
     p = sub.add_parser("export", help="the trained encoder of a checkpoint as safetensors (weights + config)")

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .ablate import check_stamps, code_version, train_stamped
+from .ablate import check_stamps, code_version, train_all
 from .checkpoint import list_checkpoints
 from .config import ConfigError, load_config
 
@@ -98,24 +98,24 @@ def training_domain_score(run_dir: Path, train_domains: list[str], metric: str) 
 
 
 def run_selection(config: str, overrides: list[str], grid: list[str], seeds: list[int], out: Path,
-                  metric: str = "mAP@All") -> tuple[list[Candidate], Candidate]:
-    """Trains and scores every grid point and seed (finished ones are reused), writes selection.md/.json."""
+                  metric: str = "mAP@All", concurrent: int = 1) -> tuple[list[Candidate], Candidate]:
+    """Trains (``concurrent`` at a time) and scores every grid point and seed (finished ones are reused),
+    writes selection.md/.json."""
     points = grid_points(grid)
     for point in points:
         load_config(config, [*overrides, *point])  # a bad grid value fails here, before any training
-    current = code_version()
-    check_stamps([out / f"{point_name(p)}-seed{s}" for p in points for s in seeds], current)
     train_domains = load_config(config, overrides).data.train_domains
 
-    def score(point: list[str], seed: int) -> float:
+    def run(point: list[str], seed: int) -> tuple[Path, list[str]]:
         run_dir = out / f"{point_name(point)}-seed{seed}"
-        log.info("selection %s, seed %d -> %s", " ".join(point) or "as configured", seed, run_dir)
-        train_stamped(config, [*overrides, *point, f"train.seed={seed}", f"train.output_dir={run_dir}",
-                               f"tracking.group={point_name(point)}", f"tracking.run_name={run_dir.name}"],
-                      run_dir, current)
-        return training_domain_score(run_dir, train_domains, metric)
+        return run_dir, [*overrides, *point, f"train.seed={seed}", f"train.output_dir={run_dir}",
+                         f"tracking.group={point_name(point)}", f"tracking.run_name={run_dir.name}"]
 
-    candidates, best = choose(points, seeds, score)
+    current = code_version()
+    check_stamps([run(point, seed)[0] for point in points for seed in seeds], current)
+    train_all(config, [run(point, seed) for point in points for seed in seeds], current, concurrent)
+    candidates, best = choose(points, seeds,
+                              lambda point, seed: training_domain_score(run(point, seed)[0], train_domains, metric))
     out.mkdir(parents=True, exist_ok=True)
     (out / "selection.md").write_text(selection_markdown(config, candidates, best, seeds, metric, train_domains))
     (out / "selection.json").write_text(json.dumps({

@@ -7,7 +7,8 @@ test workers on two cores the same in miniature.
 The budget starts from the cores this process may run on (``os.sched_getaffinity``), takes
 SLURM's ``--cpus-per-task`` when the job has one (a task's own share), otherwise divides by the
 ranks launched on this host (``LOCAL_WORLD_SIZE``, set by accelerate/torchrun and by
-``dgucdir submit``), and by the test workers (``PYTEST_XDIST_WORKER_COUNT``) when under pytest-xdist.
+``dgucdir submit``), by the test workers (``PYTEST_XDIST_WORKER_COUNT``) when under pytest-xdist, and
+by the trainings `dgucdir ablate/select --jobs` runs at once (``DGUCDIR_CONCURRENT_RUNS``).
 Both pools get all of the rank's cores. Torch's intra-op pool, because on a CPU the training step
 is the bulk of the work: the demo trained at 140 samples/s with torch on one of 2 cores against
 191–202 on both. Each DALI pipeline too, because the pipelines and torch take turns (DALI fills its
@@ -28,6 +29,8 @@ from dataclasses import dataclass
 import torch
 
 log = logging.getLogger(__name__)
+
+CONCURRENT_RUNS = "DGUCDIR_CONCURRENT_RUNS"  # set for each training that `--jobs` runs beside others
 
 
 def _positive_int(environ: Mapping[str, str], name: str) -> int | None:
@@ -56,10 +59,12 @@ class ThreadBudget:
         elif local_ranks > 1:
             cores //= local_ranks
             reasons.append(f"shared by {local_ranks} ranks on this host")
-        test_workers = _positive_int(environ, "PYTEST_XDIST_WORKER_COUNT") or 1
-        if test_workers > 1:
-            cores //= test_workers
-            reasons.append(f"shared by {test_workers} test workers")
+        for variable, what in (("PYTEST_XDIST_WORKER_COUNT", "test workers"),
+                               (CONCURRENT_RUNS, "runs started together by --jobs")):
+            sharing = _positive_int(environ, variable) or 1
+            if sharing > 1:
+                cores //= sharing
+                reasons.append(f"shared by {sharing} {what}")
         omp = _positive_int(environ, "OMP_NUM_THREADS")
         if omp is not None:
             reasons.append(f"torch threads from OMP_NUM_THREADS={omp}")

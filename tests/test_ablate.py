@@ -87,6 +87,38 @@ def test_unknown_variant_is_refused_before_training(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_jobs_keep_at_most_n_trainings_going_and_stop_starting_after_a_failure(monkeypatch, tmp_path):
+    import threading
+    import time
+
+    import dgucdir.ablate as ablate
+
+    going, most, started, lock = [0], [0], [], threading.Lock()
+
+    def fake_train(config, args, run_dir, current, concurrent=1):
+        with lock:
+            going[0] += 1
+            most[0] = max(most[0], going[0])
+            started.append(run_dir.name)
+        time.sleep(0.1)
+        with lock:
+            going[0] -= 1
+        if run_dir.name == "fails":
+            raise RuntimeError("fails: training failed")
+
+    monkeypatch.setattr(ablate, "train_stamped", fake_train)
+    jobs = [(tmp_path / f"run{i}", []) for i in range(7)]
+    ablate.train_all("c.yaml", jobs, {}, concurrent=3)
+    assert most[0] == 3 and sorted(started) == sorted(f"run{i}" for i in range(7))
+    started.clear()
+    failing = [(tmp_path / "fails", []), *jobs]
+    with pytest.raises(RuntimeError, match="fails: training failed"):
+        ablate.train_all("c.yaml", failing, {}, concurrent=2)
+    assert len(started) < len(failing)  # the rest never started
+    with pytest.raises(ConfigError, match="--jobs 0"):
+        ablate.train_all("c.yaml", jobs, {}, concurrent=0)
+
+
 @pytest.mark.slow
 def test_ablation_trains_each_variant_and_seed_under_one_parent_run(tmp_path, demo_manifest):
     """Two variants x two seeds, end to end: the table's numbers are the runs' own last evaluations,
@@ -101,7 +133,9 @@ def test_ablation_trains_each_variant_and_seed_under_one_parent_run(tmp_path, de
     cfg = tiny_config(tmp_path, demo_manifest, "abl", epochs=2, eval_every=2, max_steps_per_epoch=3)
     uri = f"sqlite:///{tmp_path / 'store.db'}"
     out = tmp_path / "ablate"
-    ablation = run_ablation(str(cfg), [f"tracking.uri={uri}"], ["full", "no_fourier"], [0, 1], out)
+    # two trainings at a time (--jobs 2): each with its share of the cores, its output in its folder
+    ablation = run_ablation(str(cfg), [f"tracking.uri={uri}"], ["full", "no_fourier"], [0, 1], out, concurrent=2)
+    assert "shared by 2 runs started together by --jobs" in (out / "full-seed0/train.log").read_text()
     for v in ablation.variants:
         for seed in (0, 1):
             report = json.loads((out / f"{v.name}-seed{seed}/eval/epoch_0002/retrieval.json").read_text())

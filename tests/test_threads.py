@@ -16,7 +16,7 @@ def test_a_lone_process_gives_torch_and_each_pipeline_its_cores():
     assert (two.cores, two.torch_threads, two.dali_threads()) == (2, 2, 2)
 
 
-def test_local_ranks_slurm_tasks_and_test_workers_divide_the_cores():
+def test_local_ranks_slurm_tasks_test_workers_and_concurrent_runs_divide_the_cores():
     assert ThreadBudget.for_rank({"LOCAL_WORLD_SIZE": "8"}, SIXTY_FOUR).cores == 8  # accelerate/torchrun, 8 GPUs
     # SLURM: the task's own --cpus-per-task, not the node divided again by the local ranks
     slurm = ThreadBudget.for_rank({"SLURM_CPUS_PER_TASK": "10", "LOCAL_WORLD_SIZE": "4"}, SIXTY_FOUR)
@@ -26,6 +26,10 @@ def test_local_ranks_slurm_tasks_and_test_workers_divide_the_cores():
     both = ThreadBudget.for_rank({"PYTEST_XDIST_WORKER_COUNT": "2", "LOCAL_WORLD_SIZE": "2"}, TWO)
     assert both.cores == 1 and both.dali_threads() == 1 and both.torch_threads == 1
     assert ThreadBudget.for_rank({"LOCAL_WORLD_SIZE": "garbage"}, TWO).cores == 2
+    # `dgucdir ablate --jobs 4` on a 64-core node: each training 16 cores, and 8 ranks of one of them 2 each
+    runs = ThreadBudget.for_rank({"DGUCDIR_CONCURRENT_RUNS": "4"}, SIXTY_FOUR)
+    assert runs.cores == 16 and "shared by 4 runs started together by --jobs" in runs.reason
+    assert ThreadBudget.for_rank({"DGUCDIR_CONCURRENT_RUNS": "4", "LOCAL_WORLD_SIZE": "8"}, SIXTY_FOUR).cores == 2
 
 
 def test_an_explicit_omp_setting_and_data_num_threads_win(caplog):
