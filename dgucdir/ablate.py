@@ -227,14 +227,17 @@ def train_all(config: str, jobs: list[tuple[Path, list[str]]], current: dict, co
         for position, (run_dir, args) in enumerate(jobs, 1):
             train(position, run_dir, args)
         return
-    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
-    with ThreadPoolExecutor(max_workers=concurrent) as pool:
+    pool = ThreadPoolExecutor(max_workers=concurrent)
+    try:
         futures = [pool.submit(train, i, run_dir, args) for i, (run_dir, args) in enumerate(jobs, 1)]
-        for future in futures:
-            if future.exception() is not None:
-                pool.shutdown(wait=True, cancel_futures=True)
-                raise future.exception()
+        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+    finally:  # a failure or Ctrl-C: nothing new starts, the runs going finish or stop
+        pool.shutdown(wait=True, cancel_futures=True)
+    failed = [f.exception() for f in futures if f in done and f.exception() is not None]
+    if failed:
+        raise failed[0]
 
 
 def run_ablation(config: str, overrides: list[str], variants: list[str], seeds: list[int], out: Path,
