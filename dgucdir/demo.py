@@ -7,6 +7,7 @@ otherwise the old run is renamed aside (never deleted) and a new one starts.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import time
@@ -57,6 +58,13 @@ def build_demo_data(out: Path, force: bool = False, kind: str = "digits") -> Pat
     Returns the manifest path. The version file is written last, so an interrupted build is
     rebuilt rather than trusted.
     """
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".build.lock", "a") as lock:  # trainings started together (--jobs) render it once
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _build_unlocked(out, kind, force)
+
+
+def _build_unlocked(out: Path, kind: str, force: bool) -> Path:
     demo_set = DEMO_SETS[kind]
     manifest = out / "shards" / "manifest.json"
     stamp = f"{kind} {demo_set.version}"
