@@ -7,7 +7,6 @@ otherwise the old run is renamed aside (never deleted) and a new one starts.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import time
@@ -22,6 +21,7 @@ from .data import demo as digits
 from .data import shapes
 from .data.manifest import Manifest
 from .data.pack import pack, read_list
+from .file_lock import exclusive
 from .model.loading import baseline_encoder
 from .retrieval import EvalReport, evaluate
 from .train import RUN_INFO, Trainer
@@ -58,9 +58,7 @@ def build_demo_data(out: Path, force: bool = False, kind: str = "digits") -> Pat
     Returns the manifest path. The version file is written last, so an interrupted build is
     rebuilt rather than trusted.
     """
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / ".build.lock", "a") as lock:  # trainings started together (--jobs) render it once
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with exclusive(out / ".build.lock"):  # trainings started together (--jobs) render it once
         return _build_unlocked(out, kind, force)
 
 

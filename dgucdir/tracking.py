@@ -8,7 +8,6 @@ A resumed job passes the run id from its checkpoint and continues the same run.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
 import subprocess
@@ -19,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from .config import Config, flatten
 from .errors import space_error
 from .extras import MissingExtraError, require
+from .file_lock import exclusive
 
 if TYPE_CHECKING:
     import torch
@@ -101,13 +101,8 @@ def store_lock(uri: str) -> Iterator[None]:
     if folder is None:
         yield
         return
-    folder.mkdir(parents=True, exist_ok=True)  # SQLite does not create it
-    with open(folder / f"{Path(uri[len(SQLITE):]).name}.lock", "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with exclusive(folder / f"{Path(uri[len(SQLITE):]).name}.lock"):  # also creates the folder, which SQLite does not
+        yield
 
 
 def use_store(mlflow: Any, uri: str) -> None:
