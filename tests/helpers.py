@@ -20,6 +20,31 @@ def free_port() -> int:
 REPO = Path(__file__).parent.parent
 
 
+def _when_released(target, arg, barrier, results) -> None:
+    barrier.wait(timeout=60)
+    results.put(target(arg))
+
+
+def run_together(target, arg, processes: int, timeout: float = 300) -> list:
+    """``target(arg)`` in ``processes`` spawned processes released at one moment by a barrier (the race of
+    jobs started side by side); asserts every one exited cleanly and returns their results."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    barrier, results = ctx.Barrier(processes), ctx.Queue()
+    procs = [ctx.Process(target=_when_released, args=(target, arg, barrier, results)) for _ in range(processes)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=timeout)
+    codes = [p.exitcode for p in procs]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    assert codes == [0] * processes
+    return [results.get(timeout=5) for _ in range(processes)]
+
+
 def tiny_config(tmp: Path, manifest: Path, name: str, **train) -> Path:
     cfg = yaml.safe_load((REPO / "configs/demo.yaml").read_text())
     cfg["data"].update(manifest=str(manifest), image_size=32, num_threads=1, shuffle_buffer=64,

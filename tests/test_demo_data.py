@@ -48,31 +48,18 @@ def test_demo_domains_are_disjoint_balanced_and_distinct(demo_root, demo_manifes
     assert stats["neon"][1] > stats["sketch"][1] + 10
 
 
-def build_together(out, barrier, results) -> None:
+def build(out) -> str:
     """What each of several trainings started together does first: render the demo data if missing."""
     from dgucdir.demo import build_demo_data
 
-    barrier.wait(timeout=60)
-    results.put(str(build_demo_data(out)))
+    return str(build_demo_data(out))
 
 
 def test_processes_starting_together_render_the_demo_data_once_and_whole(tmp_path, demo_manifest):
     # `dgucdir ablate --jobs 2` on a fresh clone: two trainings find no data at the same moment;
     # without the build lock they render into the same temporary files and one fails
-    import multiprocessing as mp
+    from helpers import run_together
 
-    ctx = mp.get_context("spawn")
-    barrier, results = ctx.Barrier(2), ctx.Queue()
-    procs = [ctx.Process(target=build_together, args=(tmp_path / "demo", barrier, results)) for _ in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=300)
-    codes = [p.exitcode for p in procs]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    assert codes == [0, 0]
-    made = Manifest.load(results.get(timeout=5))
+    made = Manifest.load(run_together(build, tmp_path / "demo", processes=2)[0])
     reference = Manifest.load(demo_manifest)  # the same renderer's data, built alone
     assert made.fingerprint() == reference.fingerprint()
