@@ -232,7 +232,8 @@ class Checkpointer:
         """Restores the latest checkpoint every rank can read (or ``explicit``); returns (folder, meta).
 
         None when there is no checkpoint. The objects are only touched once all ranks agree on
-        the folder, so a failed attempt leaves them as they were.
+        the folder, so a failed attempt leaves them as they were. Checkpoints of which none can be
+        read are an error, not a fresh start: hours of training are not thrown away in silence.
         """
         candidates = [Path(explicit)] if explicit is not None else list(reversed(list_checkpoints(self.root)))
         for unfinished in sorted(self.root.glob(".tmp-*")) if self.root.is_dir() else []:
@@ -263,6 +264,11 @@ class Checkpointer:
                 return path, meta
             if explicit is not None:
                 raise CheckpointError(f"cannot resume from {explicit}: unreadable on at least one rank")
+        if candidates:
+            raise CheckpointError(
+                f"none of the {len(candidates)} checkpoint(s) in {self.root} ({', '.join(p.name for p in candidates)}) "
+                "can be read on every rank (the reasons are in the warnings above); --overwrite deletes them and "
+                "starts over")
         return None
 
     def _read(self, path: Path) -> tuple[dict, dict] | None:

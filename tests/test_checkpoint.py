@@ -56,7 +56,9 @@ def test_a_checkpoint_without_a_piece_of_state_is_skipped(tmp_path):
     old = Checkpointer(tmp_path, {"model": Box(1)}, {}, keep=3)
     old.save(5, meta(5))
     new = Checkpointer(tmp_path, {"model": Box(), "clusters": Box()}, {}, keep=3)
-    assert new.load() is None  # written before 'clusters' existed: not half-restored
+    with pytest.raises(CheckpointError, match=r"none of the 1 checkpoint\(s\) .*ckpt-000000005.* --overwrite"):
+        new.load()  # written before 'clusters' existed: not half-restored, and not a silent fresh start
+    assert new.shared["model"].value is None and new.shared["clusters"].value is None
     with pytest.raises(CheckpointError, match="unreadable on at least one rank"):
         new.load(tmp_path / "ckpt-000000005")
 

@@ -92,6 +92,23 @@ def test_sigterm_checkpoints_and_exits_zero_then_resume_is_exact(tmp_path, demo_
         assert got[step] == want[step], step
 
 
+def test_resume_with_every_checkpoint_unreadable_is_an_error_not_a_fresh_start(tmp_path, demo_manifest, uninterrupted):
+    import shutil
+
+    from helpers import cli
+
+    cfg = tiny_config(tmp_path, demo_manifest, "broken")
+    shutil.copytree(uninterrupted / "checkpoints", tmp_path / "broken/checkpoints")
+    for state in (tmp_path / "broken/checkpoints").glob("ckpt-*/state.pt"):
+        state.write_bytes(state.read_bytes()[:100])  # truncated, as by a disk that lost the writes
+    before = sorted(p.name for p in (tmp_path / "broken/checkpoints").iterdir())
+    res = cli("train", str(cfg), "--resume", check=False)
+    assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "none of the 3 checkpoint(s)" in res.stderr and "--overwrite" in res.stderr
+    assert "Traceback" not in res.stderr
+    assert sorted(p.name for p in (tmp_path / "broken/checkpoints").iterdir()) == before  # nothing written
+
+
 @pytest.fixture(scope="module")
 def uninterrupted_two(tmp_path_factory, demo_manifest):
     """The tiny config trained by 2 processes without a stop: the losses a resumed 2-process run must equal."""
