@@ -267,8 +267,8 @@ class Checkpointer:
         if candidates:
             raise CheckpointError(
                 f"none of the {len(candidates)} checkpoint(s) in {self.root} ({', '.join(p.name for p in candidates)}) "
-                "can be read on every rank (the reasons are in the warnings above); --overwrite deletes them and "
-                "starts over")
+                "can be read on every rank (the reasons are in the warnings above); to start over, train with "
+                "--overwrite or remove the folder")
         return None
 
     def _read(self, path: Path) -> tuple[dict, dict] | None:
