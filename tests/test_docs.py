@@ -1,4 +1,4 @@
-"""The docs say only what exists: relative links resolve, `dgucdir` commands and their flags are in
+"""The docs say only what exists: relative links and their #anchors resolve, `dgucdir` commands and their flags are in
 `--help`, and every config key they name is in the schema."""
 
 from __future__ import annotations
@@ -28,12 +28,39 @@ def _subcommands() -> dict[str, str]:
     return helps
 
 
+def _anchors(doc: Path) -> set[str]:
+    """The #fragments GitHub gives the headings of a markdown file (outside code blocks): lower case,
+    punctuation dropped, spaces as hyphens, a repeated heading numbered."""
+    anchors: set[str] = set()
+    fenced = False
+    for line in doc.read_text().splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        heading = None if fenced else re.match(r"#{1,6} (.+)", line)
+        if heading:
+            slug = re.sub(r"[^\w\- ]", "", heading.group(1).strip().lower()).replace(" ", "-")
+            n = sum(1 for a in anchors if re.fullmatch(re.escape(slug) + r"(-\d+)?", a))
+            anchors.add(f"{slug}-{n}" if n else slug)
+    return anchors
+
+
+def test_heading_anchors_follow_github(tmp_path):
+    doc = tmp_path / "a.md"
+    doc.write_text("# Choosing settings (`dgucdir select`)\n## Why: 64 px, P@1\n```bash\n# not a heading\n```\n"
+                   "### Why: 64 px, P@1\n")
+    assert _anchors(doc) == {"choosing-settings-dgucdir-select", "why-64-px-p1", "why-64-px-p1-1"}
+
+
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
-def test_relative_links_resolve(doc):
+def test_relative_links_and_their_anchors_resolve(doc):
     for target in re.findall(r"\]\(([^)\s]+)\)", doc.read_text()):
-        if re.match(r"[a-z]+:", target) or target.startswith("#"):
+        if re.match(r"[a-z]+:", target):
             continue
-        assert (doc.parent / target.split("#")[0]).exists(), f"{doc.name}: broken link {target}"
+        path, _, anchor = target.partition("#")
+        linked = doc.parent / path if path else doc
+        assert linked.exists(), f"{doc.name}: broken link {target}"
+        if anchor and linked.suffix == ".md":
+            assert anchor in _anchors(linked), f"{doc.name}: no heading in {path or doc.name} for #{anchor}"
 
 
 def test_every_dgucdir_command_and_flag_named_in_the_readme_exists():
