@@ -14,6 +14,11 @@ package's source and shipped configs (and the git commit, for people), and a run
 code, or by none, is refused before any training, so an ablation can be stopped and continued
 without mixing versions. ``--report`` writes the table, what it shows, the chart and the per-seed
 figures as a section of a results file with the command, date, machine and commit.
+
+With ``--report`` the per-seed file next to the report is also the *record* of the finished runs,
+rewritten as each run finishes. A run the record holds for the same code, config and overrides is
+not trained again even where its run folder is gone, so a report of hours of training can be built
+on several machines (or a machine whose disk does not last) by keeping that small file, e.g. in git.
 """
 
 from __future__ import annotations
@@ -26,7 +31,9 @@ import platform
 import statistics
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,6 +87,7 @@ class Ablation:
     variants: list[VariantResult]
     sweep: str
     code: dict = field(default_factory=dict)  # code_version() of every run in the table
+    overrides: list[str] = field(default_factory=list)  # the command's, under every variant's own
 
     def markdown(self) -> str:
         full = next((v for v in self.variants if v.name == "full"), None)
@@ -142,7 +150,7 @@ class Ablation:
         return lines
 
     def to_json(self) -> str:
-        return json.dumps({"config": self.config, "seeds": self.seeds, "code": self.code,
+        return json.dumps({"config": self.config, "overrides": self.overrides, "seeds": self.seeds, "code": self.code,
                            "variants": [{"name": v.name, "overrides": v.overrides,
                                          "per_seed": {str(s): m for s, m in v.per_seed.items()}}
                                         for v in self.variants]}, indent=1)
@@ -158,11 +166,65 @@ def final_report(run_dir: Path, epochs: int) -> dict[str, float]:
 STAMP = "ablation_code.json"
 
 
+def report_assets(report: Path, config: str) -> tuple[Path, Path]:
+    """Where a report keeps a config's per-seed figures (also the record of its finished runs) and chart."""
+    assets = report.parent / "results" / f"ablation_{Path(config).stem}"
+    return assets.with_suffix(".json"), assets.with_suffix(".png")
+
+
+RunKey = tuple[str, int]  # (variant, seed)
+
+
+def read_record(record: Path, config: str, overrides: list[str], current: dict) -> dict[RunKey, dict[str, float]]:
+    """The finished runs ``record`` holds for this code, config and overrides. A record of other code or
+    another command holds none of this one's (said in the log); it is rewritten as this one's runs finish."""
+    if not record.is_file():
+        return {}
+    try:
+        data = json.loads(record.read_text())
+        origin = (data["code"]["code"], data["config"], data.get("overrides", []))
+        runs = {(v["name"], int(seed)): m for v in data["variants"] for seed, m in v["per_seed"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise UserError(f"{record}: not a record of finished runs ({exc!r}); move it away to start a new one") from None
+    if origin != (current["code"], config, overrides):
+        log.warning("%s records code %s, %s %s; this is code %s, %s %s: none of its runs is reused", record,
+                    origin[0], origin[1], origin[2], current["code"], config, overrides)
+        return {}
+    log.info("%s: %d finished runs of this code reused", record, len(runs))
+    return runs
+
+
+def write_record(record: Path, ablation: Ablation) -> None:
+    """Replaces ``record`` in one rename, so an interruption leaves the old record or the new, never half."""
+    record.parent.mkdir(parents=True, exist_ok=True)
+    partial = record.with_name(record.name + ".partial")
+    partial.write_text(ablation.to_json() + "\n")
+    partial.replace(record)
+
+
+def ablation_of(config: str, overrides: list[str], sweep: str, current: dict,
+                results: dict[RunKey, dict[str, float]]) -> Ablation:
+    """The table of ``results``, variants in order of first appearance, seeds ascending."""
+    variants: dict[str, VariantResult] = {}
+    for (name, seed), metrics in sorted(results.items(), key=lambda item: item[0][1]):
+        variants.setdefault(name, VariantResult(name, VARIANTS[name][1])).per_seed[seed] = metrics
+    order = list(dict.fromkeys(name for name, _ in results))
+    return Ablation(config, sorted({seed for _, seed in results}), [variants[n] for n in order], sweep, current,
+                    overrides)
+
+
 def code_fingerprint(root: Path = Path(__file__).parent) -> str:
-    """A hash of the package's source and shipped configs: what decides a run's numbers (docs do not)."""
+    """A hash of the package's source and shipped configs: what decides a run's numbers (docs do not).
+
+    A config counts by its parsed content, so a comment that names a result (the shipped configs
+    say what was measured with them) does not turn that result into another code's."""
+    import yaml
+
     digest = hashlib.sha256()
     for path in sorted(p for p in root.rglob("*") if p.suffix in (".py", ".yaml") and "__pycache__" not in p.parts):
-        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+        content = (json.dumps(yaml.safe_load(path.read_text()), sort_keys=True).encode() if path.suffix == ".yaml"
+                   else path.read_bytes())
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + content + b"\0")
     return digest.hexdigest()[:16]
 
 
@@ -208,8 +270,10 @@ def train_stamped(config: str, args: list[str], run_dir: Path, current: dict, co
         raise RuntimeError(f"{run_dir}: training failed (exit status {done.returncode}); its output is in {log_file}")
 
 
-def train_all(config: str, jobs: list[tuple[Path, list[str]]], current: dict, concurrent: int = 1) -> None:
-    """Trains every ``(run_dir, args)`` with `train_stamped`, ``concurrent`` at a time, in list order.
+def train_all(config: str, jobs: list[tuple[Path, list[str]]], current: dict, concurrent: int = 1,
+              finished: Callable[[Path], None] = lambda run_dir: None) -> None:
+    """Trains every ``(run_dir, args)`` with `train_stamped`, ``concurrent`` at a time, in list order,
+    calling ``finished(run_dir)`` as each one ends well.
 
     On a machine whose cores one small run cannot keep busy (the demo on a 2-core VM trained at 216
     samples/s alone, 126 + 133 as two runs with one core each), several at once finish a grid sooner.
@@ -222,6 +286,7 @@ def train_all(config: str, jobs: list[tuple[Path, list[str]]], current: dict, co
         log.info("run %d of %d: %s%s", position, len(jobs), run_dir,
                  f" (output in {run_dir / 'train.log'})" if concurrent > 1 else "")
         train_stamped(config, args, run_dir, current, concurrent)
+        finished(run_dir)
 
     if concurrent == 1:
         for position, (run_dir, args) in enumerate(jobs, 1):
@@ -241,8 +306,11 @@ def train_all(config: str, jobs: list[tuple[Path, list[str]]], current: dict, co
 
 
 def run_ablation(config: str, overrides: list[str], variants: list[str], seeds: list[int], out: Path,
-                 concurrent: int = 1) -> Ablation:
-    """Trains every (variant, seed) that has not finished yet, ``concurrent`` at a time; returns the table."""
+                 concurrent: int = 1, record: Path | None = None) -> Ablation:
+    """Trains every (variant, seed) that has not finished yet, ``concurrent`` at a time; returns the table.
+
+    With a ``record`` (see the module's docstring) the runs it holds for this code are taken as finished,
+    and it is rewritten with each run that finishes, keeping the runs of other variants and seeds it holds."""
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise ConfigError(f"--variants: unknown {unknown}; known: {', '.join(VARIANTS)}")
@@ -254,7 +322,8 @@ def run_ablation(config: str, overrides: list[str], variants: list[str], seeds: 
     uri = tracking_uri(base)
     jobs = [[*VARIANTS[name][1], f"train.seed={seed}"] for name in variants for seed in seeds]
     parent = parent_run(uri, sweep) or start_sweep_run(base, uri, sweep, jobs)  # a rerun adds to the same one
-    runs = {}  # (variant, seed) -> run folder, its args and its last epoch
+    recorded = read_record(record, config, overrides, current) if record else {}
+    runs: dict[RunKey, tuple[Path, list[str], int]] = {}  # run folder, its args and its last epoch
     for name in variants:
         for seed in seeds:
             run_dir = out / f"{name}-seed{seed}"
@@ -262,15 +331,20 @@ def run_ablation(config: str, overrides: list[str], variants: list[str], seeds: 
                     f"tracking.group={name}", f"tracking.sweep={sweep}", f"tracking.run_name={name}-seed{seed}",
                     f"tracking.parent_run_id={parent}"]
             runs[name, seed] = run_dir, args, load_config(config, args).train.epochs  # a bad override fails here
-    train_all(config, [(run_dir, args) for run_dir, args, _ in runs.values()], current, concurrent)
-    results = []
-    for name in variants:
-        result = VariantResult(name, VARIANTS[name][1])
-        for seed in seeds:
-            run_dir, _, epochs = runs[name, seed]
-            result.per_seed[seed] = final_report(run_dir, epochs)
-        results.append(result)
-    ablation = Ablation(config, seeds, results, sweep, current)
+    results = dict(recorded)
+    key_of = {run_dir: key for key, (run_dir, _, _) in runs.items()}
+    lock = threading.Lock()  # runs finish in --jobs threads
+
+    def finished(run_dir: Path) -> None:
+        key = key_of[run_dir]
+        with lock:
+            results[key] = final_report(run_dir, runs[key][2])
+            if record:
+                write_record(record, ablation_of(config, overrides, sweep, current, results))
+
+    train_all(config, [(run_dir, args) for key, (run_dir, args, _) in runs.items() if key not in recorded],
+              current, concurrent, finished)
+    ablation = ablation_of(config, overrides, sweep, current, {key: results[key] for key in runs})
     out.mkdir(parents=True, exist_ok=True)
     files = [out / "ablation.md", out / "ablation.json", out / "ablation.png"]
     files[0].write_text(ablation.markdown())
@@ -288,16 +362,16 @@ def run_ablation(config: str, overrides: list[str], variants: list[str], seeds: 
 
 def write_report(report: Path, ablation: Ablation, out: Path, command: str) -> None:
     """Writes (or replaces) this config's section of ``report``: the command, date, machine and code, the
-    table, what it shows, the chart and the per-seed figures (copied next to the report)."""
+    table, what it shows, the chart (copied next to the report) and a link to the per-seed record."""
     import shutil
 
     import torch
 
-    assets = report.parent / "results"
-    assets.mkdir(parents=True, exist_ok=True)
     name = Path(ablation.config).stem
-    shutil.copyfile(out / "ablation.json", assets / f"ablation_{name}.json")
-    shutil.copyfile(out / "ablation.png", assets / f"ablation_{name}.png")
+    record, chart = report_assets(report, ablation.config)
+    if not record.is_file():  # run_ablation keeps it, given the record
+        write_record(record, ablation)
+    shutil.copyfile(out / "ablation.png", chart)
     machine = (f"{platform.machine()}, {len(os.sched_getaffinity(0))} cores, torch {torch.__version__}, "
                + (torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"))
     code = ablation.code
@@ -309,7 +383,8 @@ def write_report(report: Path, ablation: Ablation, out: Path, command: str) -> N
         f"{code.get('commit')}{' (modified)' if code.get('dirty') else ''}, every run of the table.", "",
         ablation.markdown(), "What it shows (mean mAP@All over the unseen pairs; 2 × the larger std as the bar):", "",
         *findings, "", f"![ablation of {ablation.config}](results/ablation_{name}.png)", "",
-        f"Per-seed figures: [results/ablation_{name}.json](results/ablation_{name}.json).", end])
+        f"Per-seed figures, also the record of finished runs a rerun continues from: "
+        f"[results/ablation_{name}.json](results/ablation_{name}.json).", end])
     text = report.read_text() if report.is_file() else (
         "# Results\n\nGenerated by `make results` (`dgucdir ablate … --report docs/RESULTS.md` per set); "
         "do not edit by hand.\n\n")

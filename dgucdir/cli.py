@@ -183,9 +183,10 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:
-    from .ablate import run_ablation, write_report
+    from .ablate import report_assets, run_ablation, write_report
 
-    ablation = run_ablation(args.config, args.overrides, args.variants, args.seeds, Path(args.out), args.jobs)
+    record = report_assets(Path(args.report), args.config)[0] if args.report else None
+    ablation = run_ablation(args.config, args.overrides, args.variants, args.seeds, Path(args.out), args.jobs, record)
     print(ablation.markdown())
     print("\n".join(ablation.findings()))
     print(f"saved: {Path(args.out) / 'ablation.md'}, {Path(args.out) / 'ablation.json'}")
@@ -362,7 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="train.seed values (default: 0 1 2)")
     p.add_argument("--out", default="runs/ablate", help="folder of the variants' runs and the table")
     p.add_argument("--report", metavar="FILE", help="also write this config's section of a results file "
-                   "(e.g. docs/RESULTS.md): command, date, machine, commit, table, findings, chart")
+                   "(e.g. docs/RESULTS.md): command, date, machine, commit, table, findings, chart; its per-seed "
+                   "file (FILE's folder/results/ablation_CONFIG.json) records each run as it finishes, and runs "
+                   "it records for this code are not trained again, even where --out is gone")
     _add_jobs_arg(p)
     p.set_defaults(func=cmd_ablate)
 

@@ -45,6 +45,8 @@ def test_runs_of_other_code_are_refused_and_the_fingerprint_follows_the_source(t
     before = code_fingerprint(pkg)
     (pkg / "README.md").write_text("changed docs\n")
     assert code_fingerprint(pkg) == before
+    (pkg / "data" / "b.yaml").write_text("# measured with this: 45.38\nk:   1  # a comment\n")
+    assert code_fingerprint(pkg) == before  # a config counts by its content
     (pkg / "data" / "b.yaml").write_text("k: 2\n")
     assert code_fingerprint(pkg) != before
     current = {"code": "abc", "commit": "c1", "dirty": False}
@@ -79,6 +81,61 @@ def test_report_sections_are_replaced_in_place_with_their_assets(tmp_path):
     assert "code abc at commit c1, every run of the table" in text
     assert (tmp_path / "docs/results/ablation_shapes.png").read_bytes() == b"png"
     assert "](results/ablation_demo.png)" in text
+
+
+def _fake_trainings(monkeypatch, trained: list[str]):
+    """Training replaced by writing the last epoch's report: mAP@All = 0.1 * (seed + 1), P@1 its double."""
+    import dgucdir.ablate as ablate
+
+    def fake_train(config, args, run_dir, current, concurrent=1):
+        seed = int(run_dir.name.rsplit("seed", 1)[1])
+        trained.append(run_dir.name)
+        report = run_dir / "eval" / "epoch_0200" / "retrieval.json"
+        report.parent.mkdir(parents=True)
+        report.write_text(json.dumps({"mean": {"P@1": 0.2 * (seed + 1), "mAP@All": 0.1 * (seed + 1)}}))
+
+    monkeypatch.setattr(ablate, "train_stamped", fake_train)
+
+
+def test_the_record_keeps_finished_runs_for_the_same_code_and_command_only(monkeypatch, tmp_path, caplog):
+    import shutil
+
+    import dgucdir.ablate as ablate
+
+    trained: list[str] = []
+    _fake_trainings(monkeypatch, trained)
+    config, record = "configs/demo.yaml", tmp_path / "docs" / "results" / "ablation_demo.json"
+    opts = [f"tracking.uri=sqlite:///{tmp_path / 'store.db'}"]
+    ablate.run_ablation(config, opts, ["full"], [0, 1], tmp_path / "a", concurrent=2, record=record)
+    assert sorted(trained) == ["full-seed0", "full-seed1"]
+    held = json.loads(record.read_text())
+    assert held["variants"][0]["per_seed"]["1"] == {"P@1": 0.4, "mAP@All": 0.2} and held["overrides"] == opts
+    # the run folders are gone (another machine, a fresh clone): the record alone counts them as done,
+    # and a variant added later joins the record beside them
+    shutil.rmtree(tmp_path / "a")
+    trained.clear()
+    both = ablate.run_ablation(config, opts, ["full", "rgb_only"], [0, 1], tmp_path / "a", record=record)
+    assert trained == ["rgb_only-seed0", "rgb_only-seed1"]
+    assert [v.name for v in both.variants] == ["full", "rgb_only"]
+    assert both.variants[0].stat("mAP@All") == pytest.approx((15.0, 7.0710678))  # [10, 20] from the record
+    # a narrower call keeps what the record holds of other variants
+    shutil.rmtree(tmp_path / "a")
+    trained.clear()
+    only = ablate.run_ablation(config, opts, ["rgb_only"], [1], tmp_path / "a", record=record)
+    assert trained == [] and [v.name for v in only.variants] == ["rgb_only"] and only.seeds == [1]
+    assert {v["name"] for v in json.loads(record.read_text())["variants"]} == {"full", "rgb_only"}
+    # another command (other overrides) or other code: nothing reused, said in the log, then rewritten
+    for patch in ({"overrides": [*opts, "train.epochs=10"]}, {"code": {**held["code"], "code": "0" * 16}}):
+        record.write_text(json.dumps({**held, **patch}))
+        trained.clear()
+        shutil.rmtree(tmp_path / "a")
+        with caplog.at_level("WARNING", logger="dgucdir.ablate"):
+            ablate.run_ablation(config, opts, ["full"], [0], tmp_path / "a", record=record)
+        assert trained == ["full-seed0"] and "none of its runs is reused" in caplog.text
+        assert json.loads(record.read_text())["code"]["code"] == code_fingerprint()
+    record.write_text('{"variants": "half a')
+    with pytest.raises(UserError, match="ablation_demo.json: not a record of finished runs"):
+        ablate.run_ablation(config, opts, ["full"], [0], tmp_path / "b", record=record)
 
 
 def test_unknown_variant_is_refused_before_training(tmp_path):
