@@ -88,6 +88,7 @@ class Ablation:
     sweep: str
     code: dict = field(default_factory=dict)  # code_version() of every run in the table
     overrides: list[str] = field(default_factory=list)  # the command's, under every variant's own
+    trained: dict[str, dict[str, str]] = field(default_factory=dict)  # run name -> when, where, which commit
 
     def markdown(self) -> str:
         full = next((v for v in self.variants if v.name == "full"), None)
@@ -153,7 +154,17 @@ class Ablation:
         return json.dumps({"config": self.config, "overrides": self.overrides, "seeds": self.seeds, "code": self.code,
                            "variants": [{"name": v.name, "overrides": v.overrides,
                                          "per_seed": {str(s): m for s, m in v.per_seed.items()}}
-                                        for v in self.variants]}, indent=1)
+                                        for v in self.variants],
+                           "trained": self.trained}, indent=1)
+
+    def provenance(self) -> str:
+        """When and where the runs finished and which commits held their code, from ``trained``."""
+        days = sorted({t["finished"][:10] for t in self.trained.values()})
+        machines = sorted({t["machine"] for t in self.trained.values()})
+        commits = sorted({t["commit"] for t in self.trained.values()})
+        return (f"every run of the table by code {self.code.get('code')} (commit{'s' * (len(commits) > 1)} "
+                f"{', '.join(commits)}), finished {days[0]}{f' to {days[-1]}' if len(days) > 1 else ''} on "
+                f"{'; '.join(machines)}")
 
 
 def final_report(run_dir: Path, epochs: int) -> dict[str, float]:
@@ -175,21 +186,42 @@ def report_assets(report: Path, config: str) -> tuple[Path, Path]:
 RunKey = tuple[str, int]  # (variant, seed)
 
 
-def read_record(record: Path, config: str, overrides: list[str], current: dict) -> dict[RunKey, dict[str, float]]:
+@dataclass
+class FinishedRun:
+    metrics: dict[str, float]  # mean over the unseen pairs, last epoch
+    trained: dict[str, str]  # finished (UTC time), machine (with --jobs), commit
+
+
+def machine_description() -> str:
+    import torch
+
+    return (f"{platform.machine()}, {len(os.sched_getaffinity(0))} cores, torch {torch.__version__}, "
+            + (torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"))
+
+
+def read_record(record: Path, config: str, overrides: list[str], current: dict) -> dict[RunKey, FinishedRun]:
     """The finished runs ``record`` holds for this code, config and overrides. A record of other code or
     another command holds none of this one's (said in the log); it is rewritten as this one's runs finish."""
     if not record.is_file():
         return {}
+
+    def unreadable(exc: Exception) -> UserError:
+        return UserError(f"{record}: not a record of finished runs ({exc!r}); move it away to start a new one")
+
     try:
         data = json.loads(record.read_text())
         origin = (data["code"]["code"], data["config"], data.get("overrides", []))
-        runs = {(v["name"], int(seed)): m for v in data["variants"] for seed, m in v["per_seed"].items()}
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise UserError(f"{record}: not a record of finished runs ({exc!r}); move it away to start a new one") from None
+        raise unreadable(exc) from None
     if origin != (current["code"], config, overrides):
         log.warning("%s records code %s, %s %s; this is code %s, %s %s: none of its runs is reused", record,
                     origin[0], origin[1], origin[2], current["code"], config, overrides)
         return {}
+    try:
+        runs = {(v["name"], int(seed)): FinishedRun(m, data["trained"][f"{v['name']}-seed{seed}"])
+                for v in data["variants"] for seed, m in v["per_seed"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise unreadable(exc) from None
     log.info("%s: %d finished runs of this code reused", record, len(runs))
     return runs
 
@@ -203,14 +235,14 @@ def write_record(record: Path, ablation: Ablation) -> None:
 
 
 def ablation_of(config: str, overrides: list[str], sweep: str, current: dict,
-                results: dict[RunKey, dict[str, float]]) -> Ablation:
+                results: dict[RunKey, FinishedRun]) -> Ablation:
     """The table of ``results``, variants in order of first appearance, seeds ascending."""
     variants: dict[str, VariantResult] = {}
-    for (name, seed), metrics in sorted(results.items(), key=lambda item: item[0][1]):
-        variants.setdefault(name, VariantResult(name, VARIANTS[name][1])).per_seed[seed] = metrics
+    for (name, seed), run in sorted(results.items(), key=lambda item: item[0][1]):
+        variants.setdefault(name, VariantResult(name, VARIANTS[name][1])).per_seed[seed] = run.metrics
     order = list(dict.fromkeys(name for name, _ in results))
     return Ablation(config, sorted({seed for _, seed in results}), [variants[n] for n in order], sweep, current,
-                    overrides)
+                    overrides, {f"{name}-seed{seed}": run.trained for (name, seed), run in results.items()})
 
 
 def code_fingerprint(root: Path = Path(__file__).parent) -> str:
@@ -335,10 +367,14 @@ def run_ablation(config: str, overrides: list[str], variants: list[str], seeds: 
     key_of = {run_dir: key for key, (run_dir, _, _) in runs.items()}
     lock = threading.Lock()  # runs finish in --jobs threads
 
+    machine = f"{machine_description()}, --jobs {concurrent}"
+
     def finished(run_dir: Path) -> None:
         key = key_of[run_dir]
+        trained = {"finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine,
+                   "commit": str(current["commit"]) + (" (modified)" if current["dirty"] else "")}
         with lock:
-            results[key] = final_report(run_dir, runs[key][2])
+            results[key] = FinishedRun(final_report(run_dir, runs[key][2]), trained)
             if record:
                 write_record(record, ablation_of(config, overrides, sweep, current, results))
 
@@ -365,22 +401,16 @@ def write_report(report: Path, ablation: Ablation, out: Path, command: str) -> N
     table, what it shows, the chart (copied next to the report) and a link to the per-seed record."""
     import shutil
 
-    import torch
-
     name = Path(ablation.config).stem
     record, chart = report_assets(report, ablation.config)
     if not record.is_file():  # run_ablation keeps it, given the record
         write_record(record, ablation)
     shutil.copyfile(out / "ablation.png", chart)
-    machine = (f"{platform.machine()}, {len(os.sched_getaffinity(0))} cores, torch {torch.__version__}, "
-               + (torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"))
-    code = ablation.code
     findings = ablation.findings() or ["- (one seed or no `full` row: nothing to compare)"]
     begin, end = f"<!-- ablation {name} -->", f"<!-- end ablation {name} -->"
     section = "\n".join([
         begin, f"## {ablation.config}", "", "```bash", command, "```", "",
-        f"Measured {time.strftime('%Y-%m-%d')} on {machine}; code {code.get('code')} at commit "
-        f"{code.get('commit')}{' (modified)' if code.get('dirty') else ''}, every run of the table.", "",
+        f"Measured: {ablation.provenance()}.", "",
         ablation.markdown(), "What it shows (mean mAP@All over the unseen pairs; 2 × the larger std as the bar):", "",
         *findings, "", f"![ablation of {ablation.config}](results/ablation_{name}.png)", "",
         f"Per-seed figures, also the record of finished runs a rerun continues from: "
