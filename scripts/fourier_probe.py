@@ -1,4 +1,4 @@
-"""Whose class does a Fourier-mixed view carry: its own, or its partner's? (docs/DESIGN.md, issue 12)
+"""Whose class does a Fourier-mixed view carry: its own, or its partner's? (the probe in docs/DESIGN.md)
 
 The two-stage Fourier augmentation assumes that the amplitude spectrum holds "style" and the phase
 holds the content: a view mixed with another image's amplitude should still be the same object.
