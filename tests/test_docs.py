@@ -1,5 +1,5 @@
 """The docs say only what exists: relative links and their #anchors resolve, `dgucdir` commands and their flags are in
-`--help`, and every config key they name is in the schema."""
+`--help`, every config key they name is in the schema, and the README's demo figures are the generated results'."""
 
 from __future__ import annotations
 
@@ -88,3 +88,25 @@ def test_every_config_key_named_in_the_docs_is_in_the_schema(doc):
         if key.rsplit(".", 1)[1] in FILE_SUFFIXES or text[: match.start()].endswith("-m "):
             continue  # a file name, or a module run with `python -m launch.slurm`
         assert key in keys, f"{doc.name} names config key {key}, which the schema does not have"
+
+
+def _results_rows(config: str) -> dict[str, tuple[str, str]]:
+    """variant -> (P@1, mAP@All) as `mean ± std` from the table of docs/RESULTS.md's section for ``config``."""
+    text = (REPO / "docs" / "RESULTS.md").read_text()
+    name = Path(config).stem
+    section = text.split(f"<!-- ablation {name} -->", 1)[1].split(f"<!-- end ablation {name} -->", 1)[0]
+    return {row[0]: (row[2], row[3]) for row in (
+        [cell.strip() for cell in line.strip("|").split("|")] for line in section.splitlines()
+        if line.startswith("| ") and not line.startswith("| variant"))}
+
+
+def test_the_readmes_demo_figures_are_those_of_the_generated_results():
+    """The README quotes the demo's ablation; a rerun of `make results` that moves a figure must move it there too."""
+    readme = (REPO / "README.md").read_text()
+    rows = _results_rows("configs/demo.yaml")
+    assert {"full", "no_fourier", "rgb_only"} <= rows.keys()
+    p1, map_all = rows["full"]
+    assert f"| P@1 | **{p1}** |" in readme and f"| mAP@All | **{map_all}** |" in readme
+    for variant, (_, figure) in rows.items():
+        if variant != "full":
+            assert re.search(rf"\(`{variant}`\)[^;.]*?{re.escape(figure)}", readme), (variant, figure)
