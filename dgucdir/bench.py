@@ -137,9 +137,10 @@ def bench_loader(manifest_path: str, size: int, batch: int, steps: int, rounds: 
     kept: on a shared machine the best is the least disturbed figure, and interleaving keeps a slow
     stretch from landing on one mode. Threads follow the rank's budget (:mod:`dgucdir.threads`).
     """
-    from .data.loader import MultiDomainLoader, concurrent_pipelines
+    from .data.batches import concurrent_pipelines
+    from .data.loader import MultiDomainLoader
     from .data.manifest import Manifest
-    from .data.pipeline import PipelineSpec
+    from .data.spec import PipelineSpec
     from .threads import ThreadBudget
 
     manifest = Manifest.load(manifest_path)

@@ -9,8 +9,10 @@ matmul measured on the same device in the same precision, so MFU = achieved / me
 
 from __future__ import annotations
 
+import itertools
 import tempfile
 import time
+from typing import Iterator
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -34,43 +36,52 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, repeat:
     return 2 * n**3 * repeat / (time.perf_counter() - start)
 
 
+def endless_batches(trainer) -> Iterator:
+    """The trainer's batches epoch after epoch, so any number of steps can be timed on a small data set."""
+    for epoch in itertools.count():
+        yield from trainer.loader.epoch(epoch, 0, trainer.loader.steps_per_epoch)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def bench_train(config: str, overrides: list[str], steps: int, warmup: int) -> dict:
-    """Samples/s, data-wait fraction and MFU of ``steps`` timed training steps after ``warmup`` ones."""
+    """Samples/s, data-wait fraction and MFU of exactly ``steps`` timed training steps after ``warmup`` untimed
+    ones (and one more, first, that counts the FLOPs), reading as many epochs as that takes."""
     from .train import Trainer
 
+    if steps < 1 or warmup < 0:
+        raise ValueError(f"bench train: --steps must be >= 1 and --warmup >= 0, got {steps} and {warmup}")
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(config, [*overrides, f"train.output_dir={tmp}/run", "tracking.enabled=false",
-                                   f"train.max_steps={steps + warmup + 1}", "loss.cluster=false"])
+                                   "loss.cluster=false"])
         trainer = Trainer(cfg)
         device = trainer.device
-        batches = trainer.loader.epoch(0, 0, trainer.loader.steps_per_epoch)
+        batches = endless_batches(trainer)
         trainer.model.train()
         with FlopCounterMode(display=False) as counter:
             trainer.train_step(next(batches))
         flops_per_sample = counter.get_total_flops() / trainer.rank_batch
-        done = 0
-        for batch in batches:
-            if done == warmup:
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                start, wait0 = time.perf_counter(), trainer.loader.data_wait_s
-            trainer.train_step(batch)
-            done += 1
-            if done == warmup + steps:
-                break
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        for _ in range(warmup):
+            trainer.train_step(next(batches))
+        _sync(device)
+        start, wait0 = time.perf_counter(), trainer.loader.data_wait_s
+        for _ in range(steps):
+            trainer.train_step(next(batches))
+        _sync(device)
         elapsed = time.perf_counter() - start
         wait = trainer.loader.data_wait_s - wait0
-    timed = done - warmup
-    samples_s = timed * cfg.train.batch_size / elapsed  # global samples, all ranks
+    samples_s = steps * cfg.train.batch_size / elapsed  # global samples, all ranks
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(trainer.precision, torch.float32)
-    peak = matmul_peak(device, dtype)
+    peak = matmul_peak(device, dtype)  # float32 under the run's TF32 setting (train.tf32)
     # every rank's compute counts against every rank's peak: world x peak in all
     mfu = flops_per_sample * samples_s / (peak * dist.world_size())
-    wait_all = float(dist.all_reduce_sum(torch.tensor([wait / elapsed], dtype=torch.float64)) / dist.world_size())
+    fraction = torch.tensor([wait / elapsed], dtype=torch.float64, device=dist.comm_device())
+    wait_all = float(dist.all_reduce_sum(fraction)) / dist.world_size()
     return {"world_size": dist.world_size(), "device": str(device), "precision": trainer.precision,
-            "image_size": cfg.data.image_size, "arch": cfg.model.arch, "global_batch": cfg.train.batch_size,
-            "timed_steps": timed, "samples_per_s": samples_s, "data_wait_fraction": wait_all,
-            "model_gflops_per_sample": flops_per_sample / 1e9, "matmul_peak_tflops": peak / 1e12,
-            "mfu": mfu}
+            "tf32": cfg.train.tf32, "image_size": cfg.data.image_size, "arch": cfg.model.arch,
+            "global_batch": cfg.train.batch_size, "timed_steps": steps,
+            "samples_per_s": samples_s, "data_wait_fraction": wait_all,
+            "model_gflops_per_sample": flops_per_sample / 1e9, "matmul_peak_tflops": peak / 1e12, "mfu": mfu}

@@ -134,7 +134,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
     from .data.manifest import Manifest
-    from .data.pipeline import PipelineSpec
+    from .data.spec import PipelineSpec
     from .threads import ThreadBudget
     from .model.loading import baseline_encoder, encoder_from_checkpoint
     from .retrieval import evaluate
@@ -242,6 +242,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
         result = bench_train(args.config, args.overrides, args.steps, args.warmup)
         if dist.rank() == 0:
             print(json.dumps({"bench": "train", **result}, indent=1))
+        return 0
+    if args.what == "bn":
+        import torch
+
+        from .bench_bn import compare_batchnorm
+
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = torch.bfloat16 if args.precision == "bf16" else None
+        print(json.dumps({"bench": "bn", **compare_batchnorm(device, args.arch, args.image_size, args.batch_size,
+                                                             args.steps, dtype)}, indent=1))
         return 0
     if args.what == "photos":
         from .bench import write_bench_photos
@@ -407,9 +417,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="throughput and memory figures as JSON",
                        description="aug, loader, eval: the project's path next to a naive one written as the original "
                        "works. train: samples/s, data-wait fraction and MFU of real training steps in the world it "
-                       "is launched in, e.g. `torchrun --nproc_per_node 2 -m dgucdir bench train`. photos: writes "
-                       "and packs photo-sized JPEGs (four domains) for the loader and train benchmarks at 224 px.")
-    p.add_argument("what", choices=["aug", "loader", "eval", "train", "photos"])
+                       "is launched in, e.g. `torchrun --nproc_per_node 2 -m dgucdir bench train`. bn: GlobalBatchNorm2d "
+                       "(one-rank group) against BatchNorm2d on --arch: differences, time, memory kept for backward. "
+                       "photos: writes and packs photo-sized JPEGs (four domains) for the loader and train "
+                       "benchmarks at 224 px.")
+    p.add_argument("what", choices=["aug", "loader", "eval", "train", "bn", "photos"])
+    p.add_argument("--arch", default="resnet50", help="bn: the backbone (default resnet50)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bn: autocast dtype (default fp32)")
     p.add_argument("--config", default="configs/demo.yaml", help="train: the config to train (default: the demo)")
     p.add_argument("overrides", nargs="*", default=[], help="train: dotted config overrides")
     p.add_argument("--warmup", type=int, default=3, help="train: untimed steps first")

@@ -12,12 +12,12 @@ from . import dist
 from .config import Config
 from .data.fourier import FourierAugment, normalize
 from .data.manifest import Manifest
-from .data.pipeline import PipelineSpec
+from .data.spec import ImageSource
 from .retrieval import embed_local
 
 
 @torch.no_grad()
-def training_features(encoder: torch.nn.Module, cfg: Config, manifest: Manifest, spec: PipelineSpec,
+def training_features(encoder: torch.nn.Module, cfg: Config, manifest: Manifest, source: ImageSource,
                       device: torch.device, precision: str = "no"
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """This rank's shard of every training domain: (features, labels, domain positions, indices).
@@ -33,7 +33,7 @@ def training_features(encoder: torch.nn.Module, cfg: Config, manifest: Manifest,
     transform = None if cfg.model.rgb_only else (lambda x: normalize(augment.color_phase_image(x)))
     feats, labels, domains, indices = [], [], [], []
     for d, name in enumerate(cfg.data.train_domains):
-        f, label, idx = embed_local(encoder, manifest.domain(name), spec, cfg.eval.batch_size, device, transform,
+        f, label, idx = embed_local(encoder, manifest.domain(name), source, cfg.eval.batch_size, device, transform,
                                     precision)
         feats.append(f)
         labels.append(label)

@@ -109,6 +109,11 @@ class TrainConfig:
     # null: what the launcher asks for (`accelerate launch --mixed_precision`, its config file), else
     # fp32; a value here overrides the launcher. The original trains and evaluates in fp32.
     mixed_precision: Literal["no", "bf16", "fp16"] | None = None
+    # float32 convolutions and matmuls in TF32 on Ampere+ GPUs (false: IEEE float32, the original's
+    # numerics; PyTorch's own default would run convolutions in TF32). See dgucdir/numerics.py.
+    tf32: bool = False
+    # deterministic GPU kernels where PyTorch has them: bit-exact resume on a GPU, at some speed
+    deterministic: bool = False
     output_dir: str = "runs/default"
     checkpoint_every: int = 1
     keep_checkpoints: int = 3

@@ -151,7 +151,7 @@ def run_demo(cfg: Config) -> DemoResult | None:
         return None
 
     def evaluate_encoder(encoder: torch.nn.Module, tag: str) -> EvalReport:
-        return evaluate(encoder, trainer.manifest, cfg.data.eval_domains, trainer.spec, cfg.eval, trainer.device,
+        return evaluate(encoder, trainer.manifest, cfg.data.eval_domains, trainer.images, cfg.eval, trainer.device,
                         out / "eval" / tag, precision=trainer.precision)[0]
 
     # The last epoch was evaluated during fit(), unless this process resumed a finished run.

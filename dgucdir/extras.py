@@ -17,13 +17,15 @@ class MissingExtraError(UserError):
     """A feature whose packages this install left out."""
 
 
-def require(module: str, extra: str, purpose: str) -> ModuleType:
-    """``module`` imported, or :class:`MissingExtraError` naming what is missing and the extra to install."""
+def require(module: str, extra: str, purpose: str, alternative: str = "") -> ModuleType:
+    """``module`` imported, or :class:`MissingExtraError` naming what is missing and the extra to install
+    (``alternative``: another install that also provides it, e.g. DALI for another CUDA version)."""
     try:
         return importlib.import_module(module)
     except ModuleNotFoundError as exc:
-        raise MissingExtraError(f"{purpose} needs the Python package {exc.name!r}, which this install leaves out: "
-                                f"pip install 'dgucdir[{extra}]'") from exc
+        other = f" (or {alternative})" if alternative else ""
+        raise MissingExtraError(f"{purpose} needs the Python package {module!r}, which this install leaves out: "
+                                f"pip install 'dgucdir[{extra}]'{other}") from exc
 
 
 def pyplot(purpose: str) -> ModuleType:

@@ -27,9 +27,8 @@ from PIL import Image, ImageDraw
 from . import dist
 from .config import EvalConfig
 from .data.fourier import normalize
-from .data.loader import eval_batches
 from .data.manifest import Domain, Manifest
-from .data.pipeline import PipelineSpec
+from .data.spec import ImageSource
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +119,7 @@ def autocast(device: torch.device, precision: str):
 
 
 @torch.no_grad()
-def embed_local(encoder: torch.nn.Module, domain: Domain, spec: PipelineSpec, batch_size: int,
+def embed_local(encoder: torch.nn.Module, domain: Domain, source: ImageSource, batch_size: int,
                 device: torch.device, transform=None, precision: str = "no"
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """This rank's shard of ``domain``: (L2-normalised pooled features, labels, indices within the domain).
@@ -130,7 +129,7 @@ def embed_local(encoder: torch.nn.Module, domain: Domain, spec: PipelineSpec, ba
     as the original evaluates), so features are embedded the way the model was trained.
     """
     feats, labels, indices = [], [], []
-    for images, label, index in eval_batches(domain, spec, batch_size, device):
+    for images, label, index in source.eval_batches(domain, batch_size, device):
         x = transform(images) if transform is not None else normalize(images)
         with autocast(device, precision):
             feats.append(F.normalize(encoder.pooled(x).float(), dim=1))
@@ -142,7 +141,7 @@ def embed_local(encoder: torch.nn.Module, domain: Domain, spec: PipelineSpec, ba
     return torch.cat(feats), torch.cat(labels), torch.cat(indices)
 
 
-def extract_features(encoder: torch.nn.Module, domain: Domain, spec: PipelineSpec, batch_size: int,
+def extract_features(encoder: torch.nn.Module, domain: Domain, source: ImageSource, batch_size: int,
                      device: torch.device, to_all_ranks: bool = True, precision: str = "no"
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """Features and labels of every sample of ``domain`` in dataset order, on every rank (or rank 0 only).
@@ -150,7 +149,7 @@ def extract_features(encoder: torch.nn.Module, domain: Domain, spec: PipelineSpe
     Each rank embeds its shard; the pieces are gathered and put back in order by their index
     within the domain. Ranks other than 0 get empty tensors when ``to_all_ranks`` is False.
     """
-    local = embed_local(encoder, domain, spec, batch_size, device, precision=precision)
+    local = embed_local(encoder, domain, source, batch_size, device, precision=precision)
     f_all, l_all, i_all = (dist.gather_variable(t, to_all_ranks) for t in local)
     if not to_all_ranks and dist.rank() != 0:
         return local[0][:0], local[1][:0]
@@ -254,14 +253,14 @@ def top_matches(gallery: torch.Tensor, query: torch.Tensor, k: int) -> tuple[tor
     return sims[order], order
 
 
-def evaluate(encoder: torch.nn.Module, manifest: Manifest, domains: list[str], spec: PipelineSpec,
+def evaluate(encoder: torch.nn.Module, manifest: Manifest, domains: list[str], source: ImageSource,
              cfg: EvalConfig, device: torch.device, out_dir: Path | None = None, stem: str = "retrieval",
              precision: str = "no") -> tuple[EvalReport, list[Path]]:
     """Embeds every domain once, scores every ordered pair, saves tables (and pictures) on rank 0."""
     manifest.check_domains(domains, "eval domains")
     was_training = encoder.training
     encoder.eval()
-    feats = {d: extract_features(encoder, manifest.domain(d), spec, cfg.batch_size, device, precision=precision)
+    feats = {d: extract_features(encoder, manifest.domain(d), source, cfg.batch_size, device, precision=precision)
              for d in domains}
     encoder.train(was_training)
     report = EvalReport(list(domains), list(cfg.topk), cfg.map_k)

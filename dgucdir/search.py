@@ -15,7 +15,7 @@ from PIL import Image, UnidentifiedImageError
 from .checkpoint import SHARED, safe_load
 from .data.fourier import normalize
 from .data.manifest import Manifest, SampleRecord
-from .data.pipeline import PipelineSpec
+from .data.spec import PipelineSpec
 from .errors import CheckpointError, DataError
 from .model.loading import encoder_from_checkpoint
 from .retrieval import extract_features, picture_grid, thumbnail, top_matches

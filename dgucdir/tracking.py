@@ -53,9 +53,12 @@ def _git(*args: str) -> str | None:
 
 
 def dali_version() -> str:
-    """The installed DALI's version, whichever CUDA build it is (the cu12 and cu13 extras differ in name)."""
-    from nvidia.dali import __version__
-
+    """The installed DALI's version, whichever CUDA build it is (the cu12 and cu13 extras differ in name),
+    or "none" on a node without DALI (a run fed by another image source)."""
+    try:
+        from nvidia.dali import __version__
+    except ModuleNotFoundError:
+        return "none"
     return __version__
 
 

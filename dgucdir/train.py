@@ -34,14 +34,15 @@ from .checkpoint import Checkpointer, StateFns, list_checkpoints
 from .cluster import ClusterSlot, ClusterState, run_kmeans
 from .cluster_features import training_features
 from .config import Config, ConfigError, flatten, from_dict, to_dict, to_yaml
-from .data.loader import Batch, MultiDomainLoader, concurrent_pipelines
+from .data.batches import Batch, concurrent_pipelines
 from .data.manifest import Manifest
-from .data.pipeline import PipelineSpec
+from .data.spec import ImageSource, PipelineSpec
 from .errors import CheckpointSpaceError, UserError
 from .metric_window import MetricWindow
 from .model.dgucdir import DGUCDIR
 from .model.encoder import load_moco_v2
 from .model.loading import save_encoder
+from .numerics import apply_numerics
 from .retrieval import EvalReport, evaluate
 from .threads import ThreadBudget
 from .runtime import moco_init_path, validate_runtime
@@ -122,8 +123,12 @@ def write_run_info(out_dir: Path, manifest: Manifest) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, resume: str | None = None, overwrite: bool = False) -> None:
+    def __init__(self, cfg: Config, resume: str | None = None, overwrite: bool = False,
+                 images: ImageSource | None = None) -> None:
         """``resume``: None (a new run), "latest" (the output folder's latest checkpoint) or a checkpoint path.
+
+        ``images``: where training and evaluation images come from; default DALI pipelines on this rank's
+        device (:class:`PipelineSpec`). The device check passes a torchvision decoder on nodes without DALI.
 
         A new run in a folder that already has checkpoints is refused unless ``overwrite``, which
         deletes them first: checkpoint rotation would otherwise delete the new run's own first.
@@ -134,6 +139,7 @@ class Trainer:
                                        kwargs_handlers=[timeout])
         self.rank, self.world = dist.rank(), dist.world_size()
         setup_logging(self.rank)
+        self.numerics = apply_numerics(cfg.train.tf32, cfg.train.deterministic)
         self.peers = dist.peers()  # to name a lost rank when a collective fails
         # what this run really uses (config, else the launcher's choice): evaluation and clustering
         # embed under the same precision, and it is logged with the run
@@ -143,10 +149,11 @@ class Trainer:
         self.rank_batch = validate_runtime(cfg, self.manifest, self.world)
         self.out_dir = Path(cfg.train.output_dir)
         seed_process(cfg.train.seed, self.rank)
-        budget = ThreadBudget.for_rank()
-        dali_threads = budget.apply(concurrent_pipelines(cfg), cfg.data.num_threads)
-        self.spec = PipelineSpec.for_device(cfg.data.image_size, dali_threads, self.device, self.rank, self.world)
-        self.loader = MultiDomainLoader(cfg, self.manifest, self.rank_batch, self.spec, self.device)
+        if images is None:
+            dali_threads = ThreadBudget.for_rank().apply(concurrent_pipelines(cfg), cfg.data.num_threads)
+            images = PipelineSpec.for_device(cfg.data.image_size, dali_threads, self.device, self.rank, self.world)
+        self.images = images
+        self.loader = images.training_batches(cfg, self.manifest, self.rank_batch, self.device)
         model = build_model(cfg, len(cfg.data.train_domains), self.rank_batch, self.device)
         optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr,
                                     momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
@@ -177,7 +184,8 @@ class Trainer:
             write_run_info(self.out_dir, self.manifest)
         self.tracker.start(run_id)
         if self.tracker.active:  # rank 0 only: the tags cost two git calls and a manifest hash
-            self.tracker.set_tags(run_tags(cfg, self.world, self.precision, self.manifest.fingerprint()))
+            self.tracker.set_tags({**run_tags(cfg, self.world, self.precision, self.manifest.fingerprint()),
+                                   **self.numerics})
         if self.rank == 0 and run_id is None:
             self.tracker.log_artifacts([self.out_dir / "config.yaml"])
         log.info("world size %d, %d samples per rank per step (%d per domain), %d steps per epoch, queue %.1f MiB per rank",
@@ -237,7 +245,7 @@ class Trainer:
     @torch.no_grad()
     def compute_clusters(self) -> ClusterState:
         """k-means on the pooled features of the training images' colour phase images; each rank embeds its shard."""
-        feats, _, domains, indices = training_features(self.core.encoder_q, self.cfg, self.manifest, self.spec,
+        feats, _, domains, indices = training_features(self.core.encoder_q, self.cfg, self.manifest, self.images,
                                                        self.device, self.precision)
         lc = self.cfg.loss
         result = run_kmeans(lc.kmeans, feats, lc.num_clusters, lc.kmeans_niter, lc.kmeans_nredo,
@@ -252,7 +260,7 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
     def run_eval(self, tag: str) -> EvalReport:
         dist.broadcast_buffers(self.core.encoder_q)  # the evaluated model is the checkpointed one on every rank
-        report, files = evaluate(self.core.encoder_q, self.manifest, self.cfg.data.eval_domains, self.spec,
+        report, files = evaluate(self.core.encoder_q, self.manifest, self.cfg.data.eval_domains, self.images,
                                  self.cfg.eval, self.device, self.out_dir / "eval" / tag,
                                  precision=self.precision)
         self._check_ranks_agree(report)

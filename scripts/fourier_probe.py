@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from dgucdir.data.fourier import FourierAugment, normalize
 from dgucdir.data.loader import eval_batches
 from dgucdir.data.manifest import Manifest
-from dgucdir.data.pipeline import PipelineSpec
+from dgucdir.data.spec import PipelineSpec
 from dgucdir.model.loading import load_encoder
 
 

@@ -23,7 +23,7 @@ from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 from dgucdir.cluster import run_kmeans
 from dgucdir.cluster_features import training_features
 from dgucdir.data.manifest import Manifest
-from dgucdir.data.pipeline import PipelineSpec
+from dgucdir.data.spec import PipelineSpec
 from dgucdir.model.loading import encoder_from_checkpoint
 
 

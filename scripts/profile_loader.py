@@ -17,9 +17,10 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from dgucdir.bench import PARTNER_MODES, loader_config
-from dgucdir.data.loader import MultiDomainLoader, concurrent_pipelines
+from dgucdir.data.batches import concurrent_pipelines
+from dgucdir.data.loader import MultiDomainLoader
 from dgucdir.data.manifest import Manifest
-from dgucdir.data.pipeline import PipelineSpec
+from dgucdir.data.spec import PipelineSpec
 from dgucdir.threads import ThreadBudget
 
 

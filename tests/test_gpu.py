@@ -15,7 +15,7 @@ from dgucdir.config import load_config
 from dgucdir.data.fourier import FourierAugment, grayscale
 from dgucdir.data.loader import MultiDomainLoader, eval_batches
 from dgucdir.data.manifest import Manifest
-from dgucdir.data.pipeline import PipelineSpec
+from dgucdir.data.spec import PipelineSpec
 from dgucdir.model.dgucdir import DGUCDIR
 from helpers import tiny_config
 

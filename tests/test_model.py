@@ -19,7 +19,7 @@ def _model(rank_batch=B, bn="paper", **loss):
 
 
 def _batch(seed, n=B):
-    from dgucdir.data.loader import Batch
+    from dgucdir.data.batches import Batch
 
     g = torch.Generator().manual_seed(seed)
     views = [torch.randn(n, 3, SIZE, SIZE, generator=g) for _ in range(4)]
@@ -238,7 +238,7 @@ STEPS, GLOBAL = 3, 16  # per domain: 8 samples a step, 4 on each of 2 ranks
 
 def _global_batch(step):
     """A step's global batch, rank-major: rank 0's 4 + 4 samples of domains 0 and 1, then rank 1's."""
-    from dgucdir.data.loader import Batch
+    from dgucdir.data.batches import Batch
 
     g = torch.Generator().manual_seed(100 + step)
     views = [torch.randn(GLOBAL, 3, SIZE, SIZE, generator=g) for _ in range(4)]
@@ -247,7 +247,7 @@ def _global_batch(step):
 
 
 def _rows(batch, rows):
-    from dgucdir.data.loader import Batch
+    from dgucdir.data.batches import Batch
 
     return Batch(*(t[rows] for t in (batch.q_phase, batch.k_phase, batch.q_rgb, batch.k_rgb, batch.domain,
                                      batch.index, batch.label)))
@@ -298,3 +298,23 @@ def test_paper_batchnorm_two_processes_train_as_one_on_the_same_global_batch():
     (m0, _, p0), (m1, _, p1) = run_distributed(_two_rank_training, 2, "local")  # the control: statistics per rank
     local_mean = torch.tensor(m0 + m1).view(2, -1).mean(0)
     assert (local_mean - torch.tensor(_one_process("local", [p0, p1])[0])).abs().max() > 1e-3
+
+
+def test_cluster_logits_are_float32_under_bf16_autocast(monkeypatch):
+    """The cluster loss's pooled @ centroids runs in float32 even when the step runs under bf16 autocast
+    (a .float() inside autocast would still be a bf16 matmul); the reference recomputes it in float32."""
+    from dgucdir.cluster import ClusterTargets
+
+    seen = []
+    cross_entropy = torch.nn.functional.cross_entropy
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", lambda logits, *a, **k: (seen.append(logits),
+                        cross_entropy(logits, *a, **k))[1])
+    model = _model()
+    batch = _batch(3)
+    centroids = torch.nn.functional.normalize(torch.randn(3, model.feature_dim), dim=1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, pooled = copy.deepcopy(model.encoder_q)(torch.cat([batch.q_phase, batch.q_rgb]))
+        model(batch, ClusterTargets(centroids, torch.arange(B) % 3))
+    logits, = (t for t in seen if t.shape == (2 * B, 3))
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, pooled.float() @ centroids.T, rtol=0, atol=1e-6)

@@ -6,17 +6,22 @@ and the augmentations run on the GPU; without one the same graph runs on the CPU
 solo-learn's DALI loader. Random decisions that the MoCo v2 recipe applies with a probability
 (colour jitter, grayscale, blur) are folded into the operator arguments (a jitter factor of 1
 is the identity), which keeps the graph free of per-sample branches.
+
+The functions return pipelines defined, not built (DALI builds one at its first run). Defining a
+graph with ``device_id=0`` needs no GPU and checks where every argument lives, so the CPU test
+suite defines every GPU graph (``tests/test_gpu_graphs.py``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from ..extras import require
 
-import torch
-from nvidia.dali import fn, pipeline_def, types
+require("nvidia.dali", "cu13", "A DALI pipeline (training or evaluation images)", "'dgucdir[cu12]' for a CUDA 12 driver")
+from nvidia.dali import fn, pipeline_def, types  # noqa: E402 (after the check that names the extra)
 
-from .manifest import IMAGE_EXTS, INDEX_EXT, LABEL_EXT, Domain
-from .reader import IndexedSource
+from .manifest import IMAGE_EXTS, INDEX_EXT, LABEL_EXT, Domain  # noqa: E402
+from .reader import IndexedSource  # noqa: E402
+from .spec import PipelineSpec  # noqa: E402
 
 READER_NAME = "Reader"
 
@@ -58,16 +63,21 @@ def color_jitter_and_grayscale(images, p_jitter: float = 0.8, p_gray: float = 0.
 
     Contrast is scaled around each image's mean grey, as torchvision's ``adjust_contrast`` does
     (DALI's ``color_twist`` scales around 128, which on white-background domains also darkens
-    the image). Brightness then contrast is one ``brightness_contrast`` call: b * (m + c * (x - m))
-    equals torchvision's brightness followed by contrast up to clamping. Saturation and hue follow
-    in one ``hsv`` call; the four run in this fixed order (torchvision draws a random order). Hue
-    0.1 of a turn is 36 degrees. Grayscale after the jitter is saturation 0, so it folds in.
+    the image). Brightness then contrast is b * (m + c * (x - m)), which equals torchvision's
+    brightness followed by contrast up to clamping. It is written as arithmetic, not as
+    ``brightness_contrast(contrast_center=m)``: the mean grey is computed from the images, which
+    live on the GPU after mixed decoding, and DALI takes named arguments from the CPU only. The
+    saturating cast rounds as ``brightness_contrast`` does (equal on every pixel, tested).
+    Saturation and hue follow in one ``hsv`` call; the four run in this fixed order (torchvision
+    draws a random order). Hue 0.1 of a turn is 36 degrees. Grayscale after the jitter is
+    saturation 0, so it folds in.
     """
     apply = _coin(p_jitter)
     gray = _coin(p_gray)
     mean_grey = fn.reductions.mean(fn.color_space_conversion(images, image_type=types.RGB, output_type=types.GRAY))
-    images = fn.brightness_contrast(images, brightness=_jitter_factor(0.4, apply),
-                                    contrast=_jitter_factor(0.4, apply), contrast_center=mean_grey)
+    brightness, contrast = _jitter_factor(0.4, apply), _jitter_factor(0.4, apply)
+    scaled = brightness * (mean_grey + contrast * (fn.cast(images, dtype=types.FLOAT) - mean_grey))
+    images = fn.cast(scaled, dtype=types.UINT8)
     return fn.hsv(images, saturation=_jitter_factor(0.4, apply) * (1.0 - gray),
                   hue=apply * fn.random.uniform(range=[-36.0, 36.0]))
 
@@ -109,29 +119,6 @@ def eval_view(images, size: int):
                                     mean=[0.0], std=[1.0])
 
 
-@dataclass(frozen=True)
-class PipelineSpec:
-    """What every pipeline of a rank shares."""
-
-    image_size: int
-    shard_id: int
-    num_shards: int
-    device_id: int | None  # None: CPU-only pipeline
-    num_threads: int = 2
-
-    @property
-    def on_gpu(self) -> bool:
-        return self.device_id is not None
-
-    @classmethod
-    def for_device(cls, image_size: int, num_threads: int, device: torch.device, rank: int = 0, world: int = 1
-                   ) -> "PipelineSpec":
-        """This rank's spec: DALI decodes on ``device``'s GPU when it is one, on the CPU otherwise."""
-        device_id = (device.index if device.index is not None else torch.cuda.current_device()) \
-            if device.type == "cuda" else None
-        return cls(image_size, rank, world, device_id, num_threads)
-
-
 def _indexed(source: IndexedSource):
     """The source's fields (encoded bytes first), in its order."""
     dtypes = {"encoded": types.UINT8, "label": types.INT32, "index": types.INT32, "domain": types.INT32}
@@ -163,9 +150,7 @@ def train_pipeline(domain: Domain, spec: PipelineSpec, batch_size: int, seed: in
             return v1, v2, label, index, raw_view(images, spec.image_size)
         return v1, v2, label, index
 
-    p = pipe()
-    p.build()
-    return p
+    return pipe()
 
 
 def partner_pipeline(source: IndexedSource, spec: PipelineSpec, seed: int):
@@ -179,9 +164,7 @@ def partner_pipeline(source: IndexedSource, spec: PipelineSpec, seed: int):
         encoded, index, domain = _indexed(source)
         return raw_view(_decode(encoded, spec.on_gpu), spec.image_size), domain, index
 
-    p = pipe()
-    p.build()
-    return p
+    return pipe()
 
 
 def eval_pipeline(domain: Domain, spec: PipelineSpec, batch_size: int):
@@ -194,6 +177,4 @@ def eval_pipeline(domain: Domain, spec: PipelineSpec, batch_size: int):
         images = _decode(encoded, spec.on_gpu)
         return eval_view(images, spec.image_size), label, index
 
-    p = pipe()
-    p.build()
-    return p
+    return pipe()

@@ -17,7 +17,7 @@ from torch import nn
 from .. import dist
 from ..cluster import ClusterTargets
 from ..config import LossConfig, ModelConfig
-from ..data.loader import Batch
+from ..data.batches import Batch
 from ..seeding import derive_seed
 from .batchnorm import to_global_batchnorm
 from .encoder import Encoder
@@ -130,7 +130,8 @@ class DGUCDIR(nn.Module):
             total = total + weight * res.loss
         if clusters is not None and cfg.cluster:
             targets = clusters.assignments.repeat(pooled.shape[0] // B)
-            logits = pooled.float() @ clusters.centroids.float().T  # no temperature, as the original
+            with torch.autocast(pooled.device.type, enabled=False):  # fp32 under bf16 training too
+                logits = pooled.float() @ clusters.centroids.float().T  # no temperature, as the original
             out["loss_cluster"] = F.cross_entropy(logits, targets)
             out["acc_cluster"] = (logits.argmax(1) == targets).float().mean()
             total = total + cfg.cluster_weight * out["loss_cluster"]
