@@ -35,6 +35,9 @@ from install_wheelhouse import MANIFEST, sha256  # noqa: E402 - the installer is
 
 ROOT = Path(__file__).resolve().parent.parent
 NODE_BRINGS = ("torch", "torchvision")
+# what scripts/device_check.py imports beyond the node's torch and torchvision: it runs from the
+# source tree (no dgucdir wheel, none of its DALI, MLflow or SLURM dependencies)
+DEVICE_CHECK_NEEDS = ("accelerate", "pyyaml", "tqdm", "pillow", "numpy", "safetensors")
 
 
 def canonical(name: str) -> str:
@@ -73,11 +76,13 @@ def closure(roots: list[Requirement], env: dict[str, str]) -> dict[str, str]:
     return found
 
 
-def needed(extras: list[str], python: str, with_torch: bool) -> dict[str, str]:
-    """The distributions to carry, pinned: dgucdir's closure minus what a PyTorch node has."""
+def needed(extras: list[str], python: str, with_torch: bool, roots: list[str] | None = None) -> dict[str, str]:
+    """The distributions to carry, pinned: the closure of ``roots`` (default: dgucdir with ``extras``) minus
+    what a PyTorch node has."""
     env = target_environment(python)
-    wanted = closure([Requirement(f"dgucdir[{','.join(extras)}]" if extras else "dgucdir")], env)
-    wanted.pop("dgucdir")
+    wanted = closure([Requirement(r) for r in roots] if roots else
+                     [Requirement(f"dgucdir[{','.join(extras)}]" if extras else "dgucdir")], env)
+    wanted.pop("dgucdir", None)
     if not with_torch:
         for name in closure([Requirement(n) for n in NODE_BRINGS], env):
             wanted.pop(name, None)
@@ -140,24 +145,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--extras", default="cu13,test", help="dgucdir extras to carry (default cu13,test)")
     parser.add_argument("--part-mib", type=float, default=60.0, help="split files larger than this (default 60)")
     parser.add_argument("--with-torch", action="store_true", help="also carry torch and torchvision (large)")
+    parser.add_argument("--for", dest="purpose", choices=["install", "device-check"], default="install",
+                        help="install: dgucdir and its extras (default); device-check: only what "
+                        "scripts/device_check.py needs beside torch, run from the source tree (no DALI)")
     args = parser.parse_args(argv)
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         parser.error(f"--out {out}: not empty")
     out.mkdir(parents=True, exist_ok=True)
-    pins = needed([e for e in args.extras.split(",") if e], args.python, args.with_torch)
+    check = args.purpose == "device-check"
+    pins = needed([e for e in args.extras.split(",") if e], args.python, args.with_torch,
+                  list(DEVICE_CHECK_NEEDS) if check else None)
     print(f"wheelhouse: {len(pins)} distributions for Python {args.python} on {args.platform}"
           f"{'' if args.with_torch else ' (torch, torchvision and their requirements left to the node)'}")
     with tempfile.TemporaryDirectory() as tmp:
         download(pins, Path(tmp), args.python, args.platform)
         for wheel in Path(tmp).glob("*.whl"):
             shutil.move(str(wheel), out / wheel.name)
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(ROOT)], check=True)
+    if not check:
+        subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(ROOT)],
+                       check=True)
     missing = set(pins) - {canonical(p.name.split("-")[0]) for p in out.glob("*.whl")}
     if missing:
         raise SystemExit(f"wheelhouse: no wheel for {', '.join(sorted(missing))}")
     manifest = write_manifest(out, int(args.part_mib * 2**20), {"python": args.python, "platform": args.platform,
-                                                                 "extras": args.extras, "pins": pins})
+                                                                 "extras": "" if check else args.extras,
+                                                                 "purpose": args.purpose, "pins": pins})
     shutil.copy2(Path(__file__).with_name("install_wheelhouse.py"), out / "install_wheelhouse.py")
     sizes = [p["size"] for f in manifest["files"] for p in (f["parts"] or [f])]
     print(f"wheelhouse: {len(manifest['files'])} wheels, {sum(f['size'] for f in manifest['files']) / 2**20:.0f} MiB "

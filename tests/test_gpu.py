@@ -44,18 +44,30 @@ def test_dali_mixed_decoding_matches_cpu_decoding(demo_manifest):
 
 
 def test_training_batches_from_the_gpu_pipeline_match_the_cpu_pipeline(tmp_path, demo_manifest):
-    """Same seeds on both devices: same samples, same partners; the views agree up to decoding."""
-    cfg = load_config(tiny_config(tmp_path, demo_manifest, "b"))
+    """Same seeds on both devices: same samples, same partners, and per image the same raw images.
+
+    The raw resizes (the bank's and the per-view partners') involve no random draw, so they are
+    compared image by image; the augmented views are checked for placement, dtype and shape.
+    """
     manifest = Manifest.load(demo_manifest)
-    c, g = (next(MultiDomainLoader(cfg, manifest, 16, _spec(device, cfg.data.image_size), device).epoch(0))
+    for partner in ("per_view_raw", "bank"):
+        cfg = load_config(tiny_config(tmp_path, demo_manifest, partner), [f"augment.partner={partner}"])
+        (c_views, c_partners), (g_views, g_partners) = (
+            MultiDomainLoader(cfg, manifest, 16, _spec(device, cfg.data.image_size), device).open_epoch(0).read()
             for device in (CPU, CUDA))
-    assert g.q_rgb.is_cuda
-    for name in ("index", "domain", "partner_domain", "partner_index"):
-        assert torch.equal(getattr(g, name).cpu(), getattr(c, name)), name
-    # DALI's random augmentations (crop, jitter, blur) are drawn per backend, so the views themselves
-    # differ; what must agree is their statistics, in normalised units
-    for name in ("q_rgb", "q_phase"):
-        assert abs(getattr(g, name).mean().item() - getattr(c, name).mean().item()) < 0.2, name
+        raws = [(c.raw, g.raw) for c, g in zip(c_views, g_views)] if partner == "bank" else \
+            [(c_partners.images, g_partners.images)]
+        for c, g in zip(c_views, g_views):
+            assert torch.equal(g.index.cpu(), c.index) and torch.equal(g.label.cpu(), c.label)
+            for cv, gv in ((c.view1, g.view1), (c.view2, g.view2)):
+                assert gv.is_cuda and gv.dtype == cv.dtype == torch.uint8 and gv.shape == cv.shape
+        if partner == "per_view_raw":
+            assert torch.equal(g_partners.index, c_partners.index) and torch.equal(g_partners.domain, c_partners.domain)
+        for c_raw, g_raw in raws:
+            assert g_raw.is_cuda
+            per_image = (g_raw.cpu().float() - c_raw.float()).abs().flatten(1)
+            # nvJPEG's IDCT and the GPU resize against libjpeg-turbo and the CPU resize: a level or two
+            assert per_image.mean(1).max() < 1.0 and per_image.max() <= 16, (per_image.mean(1).max(), per_image.max())
 
 
 def test_the_partner_bank_lives_on_the_gpu_and_draws_as_on_the_cpu(tmp_path, demo_manifest):
@@ -126,14 +138,15 @@ def test_training_step_on_cuda_matches_cpu_in_fp32(tmp_path, demo_manifest, fp32
 
 
 def test_bf16_training_step_stays_close_to_fp32(tmp_path, demo_manifest):
-    """bf16 autocast changes the loss by well under a percent at the start of training (same batch, weights)."""
+    """bf16 autocast changes the first loss by well under a percent and the second, after one update, by a
+    few percent (1.3% with this test's batch under the CPU's bf16 autocast; same batch, same weights)."""
     cfg = load_config(tiny_config(tmp_path, demo_manifest, "p", mixed_precision="bf16"))
     loader = MultiDomainLoader(cfg, Manifest.load(demo_manifest), 16, _spec(CUDA, cfg.data.image_size), CUDA)
     batch = next(loader.epoch(0))
     bf16 = _first_losses(cfg, batch, CUDA)
     cfg.train.mixed_precision = "no"
     fp32 = _first_losses(cfg, batch, CUDA)
-    assert bf16 == pytest.approx(fp32, rel=1e-2), (bf16, fp32)
+    assert bf16[0] == pytest.approx(fp32[0], rel=1e-2) and bf16[1] == pytest.approx(fp32[1], rel=3e-2), (bf16, fp32)
     assert all(torch.isfinite(torch.tensor(bf16)))
 
 
