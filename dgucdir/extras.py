@@ -24,7 +24,9 @@ def require(module: str, extra: str, purpose: str, alternative: str = "") -> Mod
         return importlib.import_module(module)
     except ModuleNotFoundError as exc:
         other = f" (or {alternative})" if alternative else ""
-        raise MissingExtraError(f"{purpose} needs the Python package {module!r}, which this install leaves out: "
+        # the package that is missing, unless that is only the namespace above the module (``nvidia``)
+        missing = exc.name if exc.name and not module.startswith(f"{exc.name}.") else module
+        raise MissingExtraError(f"{purpose} needs the Python package {missing!r}, which this install leaves out: "
                                 f"pip install 'dgucdir[{extra}]'{other}") from exc
 
 

@@ -7,6 +7,7 @@ before anything is built, so a job that cannot run stops with one clear error an
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from .config import Config, ConfigError
@@ -24,12 +25,15 @@ def validate_runtime(cfg: Config, manifest: Manifest, world: int) -> int:
     return rank_batch
 
 
+log = logging.getLogger(__name__)
+
 MOCO_V2_SOURCE = ("moco_v2_800ep_pretrain.pth.tar from https://github.com/facebookresearch/moco "
                   "(README, 'Models')")
 
 
-def moco_init_path(cfg: Config) -> str | None:
-    """The MoCo v2 weights to start from, None for random init; a clear error when they are missing."""
+def moco_init_path(cfg: Config, must_exist: bool = True) -> str | None:
+    """The MoCo v2 weights to start from, None for random init; a clear error when they are missing
+    (``must_exist=False``: a warning only, for a dry run prepared where the file is not)."""
     value = cfg.model.moco_init
     if value is None or value.lower() == "none":
         return None
@@ -38,14 +42,18 @@ def moco_init_path(cfg: Config) -> str | None:
                           f"download {MOCO_V2_SOURCE} and pass model.moco_init=PATH (or model.moco_init=none to "
                           "train from random weights, which is not the paper's setting)")
     if not Path(value).is_file():
-        raise ConfigError(f"model.moco_init: {value} does not exist (expected {MOCO_V2_SOURCE})")
+        message = f"model.moco_init: {value} does not exist (expected {MOCO_V2_SOURCE})"
+        if must_exist:
+            raise ConfigError(message)
+        log.warning("%s: the job will fail unless it exists where the job runs", message)
     return value
 
 
-def check_before_launch(cfg: Config, world: int) -> int:
+def check_before_launch(cfg: Config, world: int, weights_must_exist: bool = True) -> int:
     """The checks that need no data: world-size splits and the initial weights (`dgucdir submit` runs
-    them before a job waits in the queue). Returns the per-rank batch."""
-    moco_init_path(cfg)
+    them before a job waits in the queue; a dry run only warns about missing weights). Returns the
+    per-rank batch."""
+    moco_init_path(cfg, weights_must_exist)
     return check_world_split(cfg, world)
 
 

@@ -202,6 +202,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def precision_line(cfg: Config) -> str:
+    """What a submitted job trains in: no launcher sets a precision under submit, so the config decides."""
+    mixed = cfg.train.mixed_precision or "no"
+    name = "fp32" if mixed == "no" else mixed
+    return (f"{name} (train.mixed_precision={cfg.train.mixed_precision}), "
+            f"TF32 {'on' if cfg.train.tf32 else 'off'} (train.tf32={str(cfg.train.tf32).lower()})")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -221,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfgs = [load_config(args.config, o) for o in runs]  # validate every job before submitting any
         world = (args.nodes or cfgs[0].launch.nodes) * (args.gpus_per_node or cfgs[0].launch.gpus_per_node)
         for cfg in cfgs:
-            check_before_launch(cfg, world)
+            check_before_launch(cfg, world, weights_must_exist=not args.dry_run)
     except ConfigError as exc:
         print(f"dgucdir submit: error: {exc}", file=sys.stderr)
         return 2
@@ -231,8 +239,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     folder = Path(args.folder or cfgs[0].launch.folder or Path(base.train.output_dir) / "slurm").resolve() / "%j"
     if args.dry_run:
         print(sbatch_script(params, folder, python))
-        for overrides in runs:
+        for overrides, cfg in zip(runs, cfgs):
             print(f"# job: dgucdir train {args.config} {' '.join(overrides)}")
+            print(f"# precision: {precision_line(cfg)}")
         return 0
     if sweep_id:
         parent = start_sweep_run(base, uri, sweep_id, own)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 import signal
 import sys
@@ -144,6 +145,10 @@ class Trainer:
         # what this run really uses (config, else the launcher's choice): evaluation and clustering
         # embed under the same precision, and it is logged with the run
         self.precision = str(self.accelerator.mixed_precision)
+        launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")  # what `accelerate launch` asked for
+        if launcher and cfg.train.mixed_precision and launcher != cfg.train.mixed_precision:
+            log.warning("the launcher asked for mixed precision %r; train.mixed_precision=%r wins: training in %s",
+                        launcher, cfg.train.mixed_precision, self.precision)
         self.device = self.accelerator.device
         self.manifest = Manifest.load(cfg.data.manifest)
         self.rank_batch = validate_runtime(cfg, self.manifest, self.world)

@@ -177,3 +177,50 @@ def test_training_runs_with_the_mlflow_client_only(tmp_path, demo_manifest):
     assert "pip install 'dgucdir[mlflow]'" in res.stderr
     assert (tmp_path / "skinny/encoder.safetensors").is_file()
     assert sorted(history(tmp_path / "skinny")[1]) == [1, 2]  # tracked through the client-only install
+
+
+def test_node_constraints_are_the_lock_without_the_nodes_pytorch():
+    """constraints-node.txt is what scripts/node_constraints.py makes of constraints.txt: no torch, torchvision
+    or CUDA library of torch's; the rest (DALI's own CUDA packages included) pinned as in the lock."""
+    import node_constraints
+
+    committed = (REPO / "constraints-node.txt").read_text()
+    assert committed == node_constraints.node_constraints((REPO / "constraints.txt").read_text(),
+                                                          f"{sys.version_info.major}.{sys.version_info.minor}")
+    names = {wheelhouse.canonical(line.split("==")[0]) for line in committed.splitlines() if "==" in line}
+    assert not names & {"torch", "torchvision", "triton", "nvidia-cudnn-cu13", "nvidia-cublas"}
+    assert {"accelerate", "mlflow-skinny", "nvidia-dali-cuda130"} <= names
+
+
+@pytest.mark.slow
+def test_installing_with_the_node_constraints_keeps_the_nodes_torch(tmp_path):
+    """pip offline, in a venv holding torch 2.11, against an index that also has the lock's newer torch:
+    with constraints-node.txt torch stays; with constraints.txt pip would replace it (the check can fail)."""
+    pins = {wheelhouse.canonical(line.split("==")[0]): line.split("==")[1]
+            for line in (REPO / "constraints.txt").read_text().splitlines() if "==" in line}
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    index = tmp_path / "index"
+    index.mkdir()
+    make_wheel(index, "dgucdir", project["version"], project["dependencies"])
+    for text in project["dependencies"]:
+        name = Requirement(text).name
+        make_wheel(index, name, pins[wheelhouse.canonical(name)])
+    make_wheel(index, "torch", "2.11.0")
+    make_wheel(index, "torchvision", "0.26.0")
+    venv = tmp_path / "node"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = [str(venv / "bin/python"), "-m", "pip", "--disable-pip-version-check"]
+    subprocess.run([*pip, "install", "-q", "--no-index", "--find-links", str(index), "torch==2.11.0",
+                    "torchvision==0.26.0"], check=True)
+
+    def planned(constraints: str) -> dict[str, str]:
+        res = subprocess.run([*pip, "install", "--dry-run", "--no-index", "--find-links", str(index), "-c",
+                              str(REPO / constraints), "--report", "-", "--quiet", "dgucdir"],
+                             capture_output=True, text=True)
+        assert res.returncode == 0 or constraints == "constraints.txt", res.stderr
+        return {i["metadata"]["name"]: i["metadata"]["version"] for i in json.loads(res.stdout or '{"install": []}')
+                ["install"]} if res.returncode == 0 else {"torch": "unresolvable: " + res.stderr[-200:]}
+
+    kept = planned("constraints-node.txt")
+    assert "torch" not in kept and "torchvision" not in kept and kept["dgucdir"] == project["version"]
+    assert "torch" in planned("constraints.txt")  # the full lock asks for another torch than the node's

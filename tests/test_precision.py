@@ -35,3 +35,5 @@ def test_precision_defers_to_the_accelerate_config_unless_the_config_names_one(t
     assert run.data.tags["dgucdir.precision"] == expected
     assert run.data.params["train.mixed_precision"] == str(configured)
     assert "eval/mean/P_at_1" in run.data.metrics  # evaluation ran (under the same precision: retrieval.autocast)
+    overridden = "the launcher asked for mixed precision 'bf16'; train.mixed_precision='no' wins"
+    assert (overridden in res.stderr) == (configured == "no")  # never silent
