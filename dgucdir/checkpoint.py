@@ -25,6 +25,8 @@ import os
 import pickle
 import re
 import shutil
+import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -183,7 +185,8 @@ class Checkpointer:
         if rank == 0:
             self._put_in_place(tmp, final)
             for old in list_checkpoints(self.root)[: -self.keep]:
-                shutil.rmtree(old, ignore_errors=True)
+                if old != final:  # never the one just written, whatever sorts after it
+                    shutil.rmtree(old, ignore_errors=True)
             log.info("checkpoint %s", final)
         dist.barrier()
         return final
@@ -235,7 +238,7 @@ class Checkpointer:
         the folder, so a failed attempt leaves them as they were. Checkpoints of which none can be
         read are an error, not a fresh start: hours of training are not thrown away in silence.
         """
-        candidates = [Path(explicit)] if explicit is not None else list(reversed(list_checkpoints(self.root)))
+        candidates = [Path(explicit)] if explicit is not None else self._listed_by_rank0()
         for unfinished in sorted(self.root.glob(".tmp-*")) if self.root.is_dir() else []:
             if dist.rank() == 0:  # never read: a rank or its node died while the ranks were writing it
                 log.warning("skipping the unfinished checkpoint %s (a rank stopped while writing it)", unfinished)
@@ -270,6 +273,39 @@ class Checkpointer:
                 "can be read on every rank (the reasons are in the warnings above); to start over, train with "
                 "--overwrite or remove the folder")
         return None
+
+    def _listed_by_rank0(self) -> list[Path]:
+        """The checkpoints, newest first, as rank 0 sees them, on every rank: one listing per job, so that
+        stale or node-local listings cannot make ranks pick different checkpoints. A rank that cannot see
+        one of them says so, naming itself and its host, and every rank stops."""
+        listing = [str(p) for p in reversed(list_checkpoints(self.root))] if dist.rank() == 0 else None
+        listing = [Path(p) for p in dist.broadcast_object(listing)]
+        unseen = [p.name for p in listing if not p.is_dir()]
+        if dist.any_rank(bool(unseen)):
+            where = f"rank {dist.rank()} on {socket.gethostname()}"
+            raise CheckpointError(f"{where} cannot see {', '.join(unseen)} in {self.root}, which rank 0 lists: is "
+                                  "the folder on a filesystem every node shares?" if unseen else
+                                  f"another rank cannot see the checkpoints rank 0 lists in {self.root} (its error "
+                                  "names it)")
+        return listing
+
+    def set_aside_newer(self, resumed: Path) -> Path | None:
+        """After resuming from ``resumed``, moves the checkpoints written after it into ``aside-<name>-<time>/``
+        (collective; rank 0 moves). Training on from an older checkpoint starts a new branch: the newer
+        ones would otherwise be shadowed by it (``--resume`` picks the highest step) or rotated away.
+        Returns the folder they went to, None when there were none."""
+        newer = [p for p in list_checkpoints(self.root) if p.name > Path(resumed).name]
+        aside = None
+        if newer:
+            aside = self.root / f"aside-{Path(resumed).name}-{time.strftime('%Y%m%d-%H%M%S')}"
+            if dist.rank() == 0:
+                aside.mkdir(parents=True)
+                for p in newer:
+                    p.replace(aside / p.name)
+                log.warning("training on from %s: the %d newer checkpoint(s) (%s) moved to %s", Path(resumed).name,
+                            len(newer), ", ".join(p.name for p in newer), aside)
+        dist.barrier()
+        return aside
 
     def _read(self, path: Path) -> tuple[dict, dict] | None:
         try:

@@ -213,6 +213,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_track_resend(args: argparse.Namespace) -> int:
+    from .metrics_log import resend
+
+    run_id, sent = resend(Path(args.run_dir), args.uri)
+    print(f"run {run_id}: sent {sent} metric value(s) the store was missing")
+    return 0
+
+
 def cmd_runs(args: argparse.Namespace) -> int:
     from .config import Config
     from .runs import report
@@ -299,7 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (manifest.json goes here)")
     p.add_argument("--shard-mb", type=float, default=256.0, help="target shard size in MB (default 256)")
     p.add_argument("--workers", type=int, default=None, help="decoding processes (default: all cores)")
-    p.add_argument("--max-pixels", type=int, default=40_000_000, help="larger images are skipped as decompression bombs")
+    p.add_argument("--max-pixels", type=int, default=40_000_000, help="larger images are skipped as decompression bombs "
+                   "(default 40 MP, the limit `search` applies to its queries)")
     p.add_argument("--strict", action="store_true", help="fail (and pack nothing) if any image would be skipped")
     p.set_defaults(func=cmd_pack)
 
@@ -400,6 +409,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layout", default="dgucdir", choices=["dgucdir", "moco_v2"],
                    help="tensor names: dgucdir's Encoder (default) or MoCo v2's module.encoder_q.* backbone keys")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("track-resend", help="send MLflow the metrics a run folder holds and its store missed",
+                       description="Every metric a run logs is first written to RUN_DIR/metrics.jsonl; when the "
+                       "MLflow store failed during training (full, locked, unreachable), this sends the run "
+                       "every (metric, step) value the store lacks.")
+    p.add_argument("run_dir", help="the run's train.output_dir (holds metrics.jsonl and tracking.json)")
+    p.add_argument("--uri", help="the store to send to (default: the one the run used, from tracking.json)")
+    p.set_defaults(func=cmd_track_resend)
 
     p = sub.add_parser("runs", help="results table over runs/seeds from MLflow (one row per training split)",
                        description="Reads the MLflow store with MLflow's search API and prints one row per training "

@@ -6,6 +6,8 @@ One function shared by the trainer (every epoch after the warm-up) and by
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from . import dist
@@ -18,13 +20,14 @@ from .retrieval import embed_local
 
 @torch.no_grad()
 def training_features(encoder: torch.nn.Module, cfg: Config, manifest: Manifest, source: ImageSource,
-                      device: torch.device, precision: str = "no"
+                      device: torch.device, precision: str = "no", checkpoint: Callable[[], None] = lambda: None
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """This rank's shard of every training domain: (features, labels, domain positions, indices).
 
     Colour phase images (per-channel phase with constant amplitude), as the original clusters;
     plain RGB for ``model.rgb_only``. The encoder embeds in eval mode with the statistics every
-    rank shares, and is put back in the mode it was in.
+    rank shares, and is put back in the mode it was in. ``checkpoint()`` runs on every rank after each
+    domain (the trainer's stop check, which may raise).
     """
     dist.broadcast_buffers(encoder)  # every rank embeds with the model a checkpoint holds
     was_training = encoder.training
@@ -32,12 +35,15 @@ def training_features(encoder: torch.nn.Module, cfg: Config, manifest: Manifest,
     augment = FourierAugment.from_config(cfg.augment)
     transform = None if cfg.model.rgb_only else (lambda x: normalize(augment.color_phase_image(x)))
     feats, labels, domains, indices = [], [], [], []
-    for d, name in enumerate(cfg.data.train_domains):
-        f, label, idx = embed_local(encoder, manifest.domain(name), source, cfg.eval.batch_size, device, transform,
-                                    precision)
-        feats.append(f)
-        labels.append(label)
-        indices.append(idx)
-        domains.append(torch.full_like(idx, d))
-    encoder.train(was_training)
+    try:
+        for d, name in enumerate(cfg.data.train_domains):
+            f, label, idx = embed_local(encoder, manifest.domain(name), source, cfg.eval.batch_size, device,
+                                        transform, precision)
+            feats.append(f)
+            labels.append(label)
+            indices.append(idx)
+            domains.append(torch.full_like(idx, d))
+            checkpoint()
+    finally:
+        encoder.train(was_training)
     return torch.cat(feats), torch.cat(labels), torch.cat(domains), torch.cat(indices)

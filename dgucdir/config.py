@@ -114,6 +114,10 @@ class TrainConfig:
     tf32: bool = False
     # deterministic GPU kernels where PyTorch has them: bit-exact resume on a GPU, at some speed
     deterministic: bool = False
+    # a resume on data other than the checkpoint's (another manifest fingerprint) is refused: the
+    # partner bank's and the cluster tables' sample ids would point at other images. true goes on
+    # (logged, and tagged dgucdir.resumed_on_other_data)
+    resume_on_other_data: bool = False
     output_dir: str = "runs/default"
     checkpoint_every: int = 1
     keep_checkpoints: int = 3

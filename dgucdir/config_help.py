@@ -53,6 +53,7 @@ HELP: dict[str, str] = {
     "train.mixed_precision": "null: the launcher's choice (fp32 otherwise); no, bf16 or fp16 override it",
     "train.tf32": "TF32 for float32 convolutions and matmuls on Ampere+ GPUs (false: IEEE float32, as the original)",
     "train.deterministic": "deterministic GPU kernels where PyTorch has them (bit-exact resume on a GPU; slower)",
+    "train.resume_on_other_data": "resume although the data changed since the checkpoint (refused by default)",
     "train.output_dir": "checkpoints, evaluations, config.yaml and run.json of the run",
     "train.checkpoint_every": "checkpoint every N epochs (and on stop signals)",
     "train.keep_checkpoints": "how many checkpoints to keep",

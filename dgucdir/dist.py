@@ -77,6 +77,15 @@ def broadcast_buffers(module: torch.nn.Module) -> None:
             dist.broadcast(buf, src=0)
 
 
+def broadcast_object(obj: object, src: int = 0) -> object:
+    """``obj`` of rank ``src`` on every rank (any picklable value; one process: itself)."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()

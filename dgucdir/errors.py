@@ -41,11 +41,18 @@ def first_line(exc: BaseException, limit: int = 300) -> str:
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
+# what SQLite (an MLflow store) says when its disk is full; it raises no OSError of its own
+SQLITE_FULL = "database or disk is full"
+
+
 def space_error(exc: BaseException) -> OSError | None:
-    """The out-of-space ``OSError`` behind ``exc`` (torch and MLflow wrap it in errors of their own), if any."""
+    """The out-of-space ``OSError`` behind ``exc`` (torch and MLflow wrap it in errors of their own), if any;
+    SQLite's "database or disk is full" counts as one."""
     seen: BaseException | None = exc
     while seen is not None:
         if isinstance(seen, OSError) and seen.errno in NO_SPACE:
             return seen
+        if SQLITE_FULL in str(seen):
+            return OSError(errno.ENOSPC, f"No space left on device ({SQLITE_FULL})")
         seen = seen.__cause__ or seen.__context__
     return None

@@ -16,6 +16,8 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -204,11 +206,23 @@ class EvalReport:
                            "mean": self.mean()}, indent=1)
 
     def save(self, out_dir: Path, stem: str = "retrieval") -> list[Path]:
+        """Writes the markdown table, then the JSON, each atomically: a ``<stem>.json`` present is a
+        complete evaluation (the trainer redoes a scheduled one whose JSON is missing)."""
         out_dir.mkdir(parents=True, exist_ok=True)
         md, js = out_dir / f"{stem}.md", out_dir / f"{stem}.json"
-        md.write_text(self.markdown())
-        js.write_text(self.to_json() + "\n")
+        atomic_write_text(md, self.markdown())
+        atomic_write_text(js, self.to_json() + "\n")
         return [md, js]
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """``path`` holds ``text`` whole or is untouched: written beside it under a name of this process, then renamed."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def thumbnail(domain: Domain, record, size: int = 72) -> Image.Image:
@@ -255,19 +269,29 @@ def top_matches(gallery: torch.Tensor, query: torch.Tensor, k: int) -> tuple[tor
 
 def evaluate(encoder: torch.nn.Module, manifest: Manifest, domains: list[str], source: ImageSource,
              cfg: EvalConfig, device: torch.device, out_dir: Path | None = None, stem: str = "retrieval",
-             precision: str = "no") -> tuple[EvalReport, list[Path]]:
-    """Embeds every domain once, scores every ordered pair, saves tables (and pictures) on rank 0."""
+             precision: str = "no", checkpoint: Callable[[], None] = lambda: None) -> tuple[EvalReport, list[Path]]:
+    """Embeds every domain once, scores every ordered pair, saves tables (and pictures) on rank 0.
+
+    ``checkpoint()`` is called on every rank after each domain's embedding and each pair's scoring
+    (the trainer's stop check, which may raise): a long evaluation is never in the way of a stop.
+    """
     manifest.check_domains(domains, "eval domains")
     was_training = encoder.training
     encoder.eval()
-    feats = {d: extract_features(encoder, manifest.domain(d), source, cfg.batch_size, device, precision=precision)
-             for d in domains}
-    encoder.train(was_training)
+    feats = {}
+    try:
+        for d in domains:
+            feats[d] = extract_features(encoder, manifest.domain(d), source, cfg.batch_size, device,
+                                        precision=precision)
+            checkpoint()
+    finally:
+        encoder.train(was_training)
     report = EvalReport(list(domains), list(cfg.topk), cfg.map_k)
     for q in domains:
         for g in domains:
             if q == g:
                 continue
+            checkpoint()
             scores, map_all, map_at_k, n = retrieval_metrics(*feats[q], *feats[g], cfg.topk, cfg.map_k, cfg.chunk_size)
             report.pairs.append(PairMetrics(q, g, scores, map_all, map_at_k, n))
     files: list[Path] = []

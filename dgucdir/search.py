@@ -10,13 +10,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from .checkpoint import SHARED, safe_load
 from .data.fourier import normalize
 from .data.manifest import Manifest, SampleRecord
 from .data.spec import PipelineSpec
-from .errors import CheckpointError, DataError
+from .data.image_file import ImageFileError, open_image, read_image_file
+from .errors import CheckpointError, DataError, first_line
 from .model.loading import encoder_from_checkpoint
 from .retrieval import extract_features, picture_grid, thumbnail, top_matches
 from .threads import ThreadBudget
@@ -27,12 +28,14 @@ log = logging.getLogger(__name__)
 def load_query(path: Path, size: int) -> torch.Tensor:
     """A query image as the eval pipeline shapes it: shorter side to 256/224 * size, centre crop; uint8 CHW."""
     try:
-        with Image.open(path) as img:
+        with open_image(read_image_file(path)) as img:  # the same limits as `dgucdir pack`
             img = img.convert("RGB")
-    except (FileNotFoundError, IsADirectoryError):
+    except FileNotFoundError:
         raise DataError(f"query image {path}: no such file") from None
-    except (UnidentifiedImageError, OSError) as exc:
-        raise DataError(f"query image {path}: cannot be read as an image ({exc})") from None
+    except ImageFileError as exc:
+        raise DataError(f"query image {path}: refused: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - whatever the decoder says, it is one line for the user
+        raise DataError(f"query image {path}: cannot be read as an image ({first_line(exc)})") from None
     short = round(size * 256 / 224)
     w, h = img.size
     scale = short / min(w, h)

@@ -11,14 +11,16 @@ import contextlib
 import logging
 import os
 import subprocess
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .config import Config, flatten
-from .errors import space_error
+from .errors import first_line, space_error
 from .extras import MissingExtraError, require
 from .file_lock import exclusive
+from .metrics_log import METRICS_FILE, MetricsLog, mlflow_key, write_tracking_info
 
 if TYPE_CHECKING:
     import torch
@@ -174,30 +176,66 @@ def log_posthoc(cfg: Config, checkpoint: Path, metrics: dict[str, float], files:
     return run_id
 
 
-@contextlib.contextmanager
-def tolerate_full_disk(what: str) -> Iterator[None]:
-    """Artifacts are copies of files the run keeps anyway: a full disk while logging them is a
-    warning, not the end of a training run. Every other failure still raises."""
-    try:
-        yield
-    except Exception as exc:  # noqa: BLE001 - MLflow wraps the OSError in its own exceptions
-        if space_error(exc) is None:
-            raise
-        log.warning("MLflow: %s not logged, no space left (%s); training goes on", what, space_error(exc))
-
-
 class Tracker:
-    def __init__(self, cfg: Config, active: bool) -> None:
+    """The run's MLflow mirror, on rank 0. Every metric goes to the run folder's ``metrics.jsonl`` first;
+    every MLflow call is retried a few times, then warned about and skipped: a store that fails costs
+    tracking, never a training step or a checkpoint (``dgucdir track-resend`` fills the gaps later)."""
+
+    RETRIES = 3
+    RETRY_WAIT_S = 0.5
+    PAUSE_S = 60.0
+
+    def __init__(self, cfg: Config, active: bool, run_dir: Path | None = None) -> None:
         self.cfg = cfg
         self.active = active and cfg.tracking.enabled
         self.run_id: str | None = None
         self.uri = tracking_uri(cfg)
         self._mlflow: Any = None
+        self.run_dir = run_dir
+        self.metrics = MetricsLog(run_dir / METRICS_FILE) if active and run_dir is not None else None
+        self.failures: list[str] = []  # what did not reach MLflow
+        self._paused_until = 0.0
+
+    def _guarded(self, what: str, call: Callable[[], Any]) -> Any:
+        """``call()`` with a bounded retry; on its last failure a warning, None, and training goes on. After
+        a failure the store is left alone for ``PAUSE_S`` (calls in that time are skipped and counted), so a
+        store that is down costs a run seconds, not a retry at every log step."""
+        if time.monotonic() < self._paused_until:
+            self.failures.append(what)
+            return None
+        for attempt in range(self.RETRIES):
+            try:
+                return call()
+            except Exception as exc:  # noqa: BLE001 - MLflow raises many kinds, all of them bookkeeping
+                if attempt + 1 < self.RETRIES:
+                    time.sleep(self.RETRY_WAIT_S * (attempt + 1))
+                    continue
+                full = space_error(exc)
+                reason = f"no space left ({full})" if full is not None else first_line(exc)
+                log.warning("MLflow: %s failed %d times (%s); training goes on%s", what, self.RETRIES, reason,
+                            f", every metric is in {self.metrics.path}" if self.metrics else "")
+                self.failures.append(what)
+                self._paused_until = time.monotonic() + self.PAUSE_S
+                return None
 
     def start(self, run_id: str | None = None) -> str | None:
-        """Starts a new run, or continues ``run_id`` (from a checkpoint)."""
-        if not self.active:
-            return run_id
+        """Starts a new run, or continues ``run_id`` (from a checkpoint); a store that cannot be reached
+        leaves the run untracked (its metrics still in the run folder)."""
+        if self.active:
+            self.run_id = self._guarded("starting the run", lambda: self._start(run_id))
+            self.active = self.run_id is not None
+        if self.metrics is not None:
+            self._guarded_local(lambda: write_tracking_info(self.run_dir, self.uri, self.run_id))
+        return self.run_id if self.active else run_id
+
+    @staticmethod
+    def _guarded_local(call: Callable[[], Any]) -> None:
+        try:
+            call()
+        except OSError as exc:
+            log.warning("cannot write the run folder's tracking record (%s)", exc)
+
+    def _start(self, run_id: str | None) -> str:
         import mlflow  # imported here: ~1.5 s, and only rank 0 needs it
 
         logging.getLogger("alembic").setLevel(logging.WARNING)
@@ -221,22 +259,26 @@ class Tracker:
             run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name(self.cfg), tags=tags)
             mlflow.log_params({k: str(v) for k, v in flatten(self.cfg).items()})
             log.info("MLflow: run %s (experiment %r) in %s", run.info.run_id, name, self.uri)
-        self.run_id = run.info.run_id
-        return self.run_id
+        return run.info.run_id
 
     def set_tags(self, tags: dict[str, str]) -> None:
         if self.active:
-            self._mlflow.set_tags(tags)
+            self._guarded("setting tags", lambda: self._mlflow.set_tags(tags))
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """To the run folder first, then to MLflow."""
+        if self.metrics is not None:
+            self.metrics.append(metrics, step)
         if self.active:
-            self._mlflow.log_metrics({k.replace("@", "_at_"): float(v) for k, v in metrics.items()}, step=step)
+            values = {mlflow_key(k): float(v) for k, v in metrics.items()}
+            self._guarded(f"logging metrics at step {step}", lambda: self._mlflow.log_metrics(values, step=step))
 
     def log_artifacts(self, paths: list[Path], subdir: str | None = None) -> None:
+        """Copies of files the run folder keeps anyway."""
         if self.active:
-            with tolerate_full_disk(f"artifacts {', '.join(p.name for p in paths)}"):
-                for p in paths:
-                    self._mlflow.log_artifact(str(p), artifact_path=subdir)
+            for p in paths:
+                self._guarded(f"logging artifact {p.name}", lambda p=p: self._mlflow.log_artifact(str(p),
+                                                                                               artifact_path=subdir))
 
     def log_model(self, encoder: torch.nn.Module) -> str | None:
         """The trained encoder as an MLflow model (pytorch flavour, with a pyfunc face); returns its URI.
@@ -266,13 +308,11 @@ class Tracker:
         mlflow_pytorch_log = logging.getLogger("mlflow.pytorch")
         level = mlflow_pytorch_log.level
         mlflow_pytorch_log.setLevel(logging.ERROR)
-        info = None
         try:
-            with tolerate_full_disk("the MLflow model"):
-                info = mlflow_pytorch.log_model(
-                    copy.deepcopy(encoder).cpu().eval(), name="encoder", serialization_format="pickle",
-                    code_paths=[str(Path(dgucdir.__file__).parent)],
-                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "safetensors", "pyyaml"])
+            info = self._guarded("logging the MLflow model", lambda: mlflow_pytorch.log_model(
+                copy.deepcopy(encoder).cpu().eval(), name="encoder", serialization_format="pickle",
+                code_paths=[str(Path(dgucdir.__file__).parent)],
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "safetensors", "pyyaml"]))
         finally:
             mlflow_pytorch_log.setLevel(level)
         if info is None:
@@ -285,13 +325,21 @@ class Tracker:
         if self.active:
             from PIL import Image
 
-            with tolerate_full_disk(f"images {', '.join(p.name for p in paths)}"):
-                for p in paths:
-                    with Image.open(p) as img:
-                        self._mlflow.log_image(img.convert("RGB"), key=p.stem, step=step)
+            def log_one(p: Path) -> None:
+                with Image.open(p) as img:
+                    self._mlflow.log_image(img.convert("RGB"), key=p.stem, step=step)
+
+            for p in paths:
+                self._guarded(f"logging image {p.name}", lambda p=p: log_one(p))
 
     def end(self, status: str = "FINISHED") -> None:
-        """Ends the run; later log calls are dropped (MLflow would silently open a new run for them)."""
-        if self.active and self._mlflow.active_run() is not None:
-            self._mlflow.end_run(status=status)
+        """Ends the run (later log calls are dropped: MLflow would silently open a new run for them), and says
+        plainly when tracking failed and where the metrics are."""
+        if self.active:
+            self._guarded("ending the run", lambda: self._mlflow.active_run() is not None and
+                          self._mlflow.end_run(status=status))
         self.active = False
+        if self.failures and self.metrics is not None:
+            log.warning("MLflow tracking failed %d time(s) in this run (first: %s); every metric is in %s; "
+                        "send the store what it missed with: dgucdir track-resend %s", len(self.failures),
+                        self.failures[0], self.metrics.path, self.run_dir)

@@ -38,7 +38,8 @@ from .config import Config, ConfigError, flatten, from_dict, to_dict, to_yaml
 from .data.batches import Batch, concurrent_pipelines
 from .data.manifest import Manifest
 from .data.spec import ImageSource, PipelineSpec
-from .errors import CheckpointSpaceError, UserError
+from .errors import CheckpointError, CheckpointSpaceError, UserError
+from .file_lock import FolderBusy, FolderLock
 from .metric_window import MetricWindow
 from .model.dgucdir import DGUCDIR
 from .model.encoder import load_moco_v2
@@ -69,6 +70,10 @@ def setup_logging(rank: int, level: int = logging.INFO) -> None:
         datefmt="%H:%M:%S",
         force=True,
     )
+
+
+class StopRequested(Exception):
+    """Raised at a stop check during clustering or evaluation, once every rank agreed to stop."""
 
 
 class StopFlag:
@@ -151,6 +156,7 @@ class Trainer:
                         launcher, cfg.train.mixed_precision, self.precision)
         self.device = self.accelerator.device
         self.manifest = Manifest.load(cfg.data.manifest)
+        self.manifest_sha256 = self.manifest.fingerprint()  # kept in every checkpoint: a resume checks its data
         self.rank_batch = validate_runtime(cfg, self.manifest, self.world)
         self.out_dir = Path(cfg.train.output_dir)
         seed_process(cfg.train.seed, self.rank)
@@ -168,7 +174,9 @@ class Trainer:
         self.clusters = ClusterSlot(self.device)
         self.window = MetricWindow()
         self.last_report: EvalReport | None = None  # the latest evaluation run by this process
-        self.tracker = Tracker(cfg, self.rank == 0)
+        self.eval_pending: str | None = None  # a scheduled evaluation a stop signal cut short
+        self.resumed_on_other_data = False
+        self.tracker = Tracker(cfg, self.rank == 0, self.out_dir)
         self.stop = StopFlag()
         shared = {"model": self.core, "optimizer": self.optimizer, "progress": self.progress, "clusters": self.clusters}
         if self.accelerator.scaler is not None:
@@ -179,6 +187,7 @@ class Trainer:
         self.checkpointer = Checkpointer(self.out_dir / "checkpoints", shared, per_rank, cfg.train.keep_checkpoints)
         if self.rank == 0:
             self.checkpointer.warn_if_short_of_space(estimated_checkpoint_bytes(self.core))
+        self.folder_lock = self._own_output_folder()
         if resume is None:
             self._claim_output_folder(overwrite)
         run_id = self._resume(resume) if resume else None
@@ -189,8 +198,9 @@ class Trainer:
             write_run_info(self.out_dir, self.manifest)
         self.tracker.start(run_id)
         if self.tracker.active:  # rank 0 only: the tags cost two git calls and a manifest hash
-            self.tracker.set_tags({**run_tags(cfg, self.world, self.precision, self.manifest.fingerprint()),
-                                   **self.numerics})
+            self.tracker.set_tags({**run_tags(cfg, self.world, self.precision, self.manifest_sha256),
+                                   **self.numerics,
+                                   **({"dgucdir.resumed_on_other_data": "true"} if self.resumed_on_other_data else {})})
         if self.rank == 0 and run_id is None:
             self.tracker.log_artifacts([self.out_dir / "config.yaml"])
         log.info("world size %d, %d samples per rank per step (%d per domain), %d steps per epoch, queue %.1f MiB per rank",
@@ -202,10 +212,32 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
     def save_checkpoint(self) -> Path:
-        """Reports the open metric window first: its finiteness check guards every save."""
-        self._report_window()
-        return self.checkpointer.save(self.progress.global_step, {
-            "world_size": self.world, "config": to_dict(self.cfg), "mlflow_run_id": self.tracker.run_id})
+        """Reduces the open metric window first (its finiteness check guards every save), writes the
+        checkpoint, and only then reports the window: bookkeeping never stands between a run and its save."""
+        metrics = self._reduce_window()
+        path = self.checkpointer.save(self.progress.global_step, {
+            "world_size": self.world, "config": to_dict(self.cfg), "mlflow_run_id": self.tracker.run_id,
+            "manifest_sha256": self.manifest_sha256})
+        self._log_window(metrics)
+        return path
+
+    def _own_output_folder(self) -> FolderLock | None:
+        """Rank 0 holds the run folder's lock for the run's life; every rank refuses when another live run has it
+        (a second `dgucdir train` into the folder would interleave checkpoints and delete the other's)."""
+        lock, refusal = None, None
+        if self.rank == 0:
+            try:
+                lock = FolderLock(self.out_dir, "dgucdir train").acquire()
+            except FolderBusy as exc:
+                refusal = exc
+        if dist.any_rank(refusal is not None):
+            raise refusal or FolderBusy(f"{self.out_dir} is in use by another run (rank 0 says who)")
+        return lock
+
+    def close(self) -> None:
+        """Releases the run folder (done at the end of :meth:`fit`; for a Trainer used without it)."""
+        if self.folder_lock is not None:
+            self.folder_lock.release()
 
     def _claim_output_folder(self, overwrite: bool) -> None:
         existing = list_checkpoints(self.checkpointer.root)
@@ -228,10 +260,25 @@ class Trainer:
             log.info("no checkpoint in %s: starting from scratch", self.checkpointer.root)
             return None
         path, meta = found
+        self._check_same_data(path, meta.get("manifest_sha256"))
+        if resume != "latest":
+            self.checkpointer.set_aside_newer(path)
         self._warn_config_changes(path, meta["config"])
         p = self.progress
         log.info("resumed from %s: epoch %d, step %d (global step %d)", path, p.epoch, p.step_in_epoch, p.global_step)
         return meta["mlflow_run_id"]
+
+    def _check_same_data(self, path: Path, saved: str | None) -> None:
+        """Refuses to resume on other data than the checkpoint's, unless train.resume_on_other_data says to."""
+        if saved is None or saved == self.manifest_sha256:
+            return
+        what = (f"{path} was trained on data with manifest sha256 {saved[:12]}…; {self.manifest.path} has "
+                f"{self.manifest_sha256[:12]}… (re-packed or other data)")
+        if not self.cfg.train.resume_on_other_data:
+            raise CheckpointError(f"{what}: the partner bank and cluster tables would point at other images; "
+                                  "resume with train.resume_on_other_data=true to go on anyway")
+        log.warning("%s: going on, as train.resume_on_other_data=true asks", what)
+        self.resumed_on_other_data = True
 
     def _warn_config_changes(self, path: Path, saved: dict) -> None:
         """Resuming under another config is allowed, but never silently: every changed key is named."""
@@ -246,12 +293,23 @@ class Trainer:
             log.warning("resuming %s with a changed config: %s", path,
                         ", ".join(f"{k}: {theirs.get(k)!r} -> {mine[k]!r}" for k in changed))
 
+    # ------------------------------------------------------------------ stopping
+    def stop_agreed(self) -> bool:
+        """Whether any rank received a stop signal (collective: every rank calls it at the same point)."""
+        return dist.any_rank(self.stop.requested) if self.world > 1 else self.stop.requested
+
+    def check_stop(self) -> None:
+        """The stop check inside clustering and evaluation: raises :class:`StopRequested` once agreed."""
+        if self.stop_agreed():
+            raise StopRequested
+
     # ------------------------------------------------------------------ clustering
     @torch.no_grad()
     def compute_clusters(self) -> ClusterState:
         """k-means on the pooled features of the training images' colour phase images; each rank embeds its shard."""
+        log.info("epoch %d: embedding the training images for k-means", self.progress.epoch)
         feats, _, domains, indices = training_features(self.core.encoder_q, self.cfg, self.manifest, self.images,
-                                                       self.device, self.precision)
+                                                       self.device, self.precision, self.check_stop)
         lc = self.cfg.loss
         result = run_kmeans(lc.kmeans, feats, lc.num_clusters, lc.kmeans_niter, lc.kmeans_nredo,
                             derive_seed(self.cfg.train.seed, "kmeans", self.progress.epoch),
@@ -264,10 +322,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
     def run_eval(self, tag: str) -> EvalReport:
+        log.info("evaluating %s on the unseen domains", tag)
         dist.broadcast_buffers(self.core.encoder_q)  # the evaluated model is the checkpointed one on every rank
         report, files = evaluate(self.core.encoder_q, self.manifest, self.cfg.data.eval_domains, self.images,
                                  self.cfg.eval, self.device, self.out_dir / "eval" / tag,
-                                 precision=self.precision)
+                                 precision=self.precision, checkpoint=self.check_stop)
         self._check_ranks_agree(report)
         self.tracker.log_metrics({f"eval/{k}": v for k, v in report.flat_metrics().items()}, self.progress.global_step)
         self.tracker.log_artifacts([f for f in files if f.suffix != ".png"], f"eval/{tag}")
@@ -298,14 +357,22 @@ class Trainer:
     def _clusters_active(self) -> bool:
         return self.cfg.loss.cluster and self.progress.epoch >= self.cfg.train.warmup_epochs
 
-    def _report_window(self) -> dict[str, float] | None:
-        """Logs the open metric window (collective; a no-op when it is empty)."""
+    def _reduce_window(self) -> dict[str, float] | None:
+        """The open metric window reduced across ranks (collective; None when it is empty)."""
         if not self.window.steps:
             return None
         metrics = self.window.reduce(self.progress.global_step, self.cfg.train.batch_size, self.loader.data_wait_s)
         metrics["train/lr"] = self.optimizer.param_groups[0]["lr"]
-        self.tracker.log_metrics(metrics, self.progress.global_step)
         return metrics
+
+    def _log_window(self, metrics: dict[str, float] | None) -> dict[str, float] | None:
+        if metrics is not None:
+            self.tracker.log_metrics(metrics, self.progress.global_step)
+        return metrics
+
+    def _report_window(self) -> dict[str, float] | None:
+        """Reduces and logs the open metric window (collective; a no-op when it is empty)."""
+        return self._log_window(self._reduce_window())
 
     def _should_stop(self) -> bool:
         """max_steps reached, or a stop signal on any rank.
@@ -326,7 +393,13 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = cosine_lr(self.cfg.optim.lr, p.epoch, self.cfg.train.epochs, self.cfg.optim.schedule)
         if self._clusters_active() and (self.clusters.state is None or p.step_in_epoch == 0):
-            self.clusters.state = self.compute_clusters()
+            try:  # a stop before or during clustering: checkpoint where we are (clusters are recomputed)
+                self.check_stop()
+                self.clusters.state = self.compute_clusters()
+            except StopRequested:
+                log.warning("stopping before the epoch's clustering finished")
+                self.save_checkpoint()
+                return False
         bar = tqdm(total=self.steps_per_epoch, initial=p.step_in_epoch, desc=f"epoch {p.epoch}",
                    disable=self.rank != 0, unit="step", dynamic_ncols=True)
         self.window.reset(self.loader.data_wait_s)
@@ -347,28 +420,64 @@ class Trainer:
         bar.close()
         if p.step_in_epoch >= self.steps_per_epoch:
             self._end_epoch(force_checkpoint=stopped)
-        else:
-            self.save_checkpoint()
+            return not stopped and self.eval_pending is None
+        self.save_checkpoint()
         return not stopped
 
+    def _eval_due(self, epoch: int) -> bool:
+        return epoch > 0 and (epoch % self.cfg.train.eval_every == 0 or epoch == self.cfg.train.epochs)
+
+    def _eval_tag(self, epoch: int) -> str:
+        return f"epoch_{epoch:04d}"
+
     def _end_epoch(self, force_checkpoint: bool = False) -> None:
-        """Logs the epoch's last steps, checkpoints, then evaluates (a failed evaluation loses no training)."""
+        """Logs the epoch's last steps, checkpoints, then evaluates (a failed evaluation loses no training).
+
+        A stop signal before or during the evaluation skips it (``eval_pending``): it is scheduled, so the
+        resumed run redoes it first (:meth:`_redo_pending_eval`)."""
         self._report_window()
         p = self.progress
         p.epoch, p.step_in_epoch = p.epoch + 1, 0
         last = p.epoch == self.cfg.train.epochs
         if force_checkpoint or p.epoch % self.cfg.train.checkpoint_every == 0 or last:
             self.save_checkpoint()
-        if p.epoch % self.cfg.train.eval_every == 0 or last:
-            self.run_eval(f"epoch_{p.epoch:04d}")
+        if self._eval_due(p.epoch):
+            self._eval_or_stop(self._eval_tag(p.epoch))
+
+    def _eval_or_stop(self, tag: str) -> bool:
+        """Runs the evaluation ``tag`` unless a stop comes first or during it (then False and ``eval_pending``;
+        the checkpoint was written before it, so the resumed run redoes it)."""
+        try:
+            self.check_stop()
+            self.run_eval(tag)
+            self.eval_pending = None
+            return True
+        except StopRequested:
+            log.warning("stopping before the evaluation %s finished; a resumed run redoes it", tag)
+            self.eval_pending = tag
+            return False
+
+    def _redo_pending_eval(self) -> bool:
+        """A resumed run at an epoch boundary whose scheduled evaluation never completed (no report JSON:
+        a kill, a stop or a full disk during it) redoes it first. False when stopped again."""
+        p = self.progress
+        tag = self._eval_tag(p.epoch)
+        if p.step_in_epoch != 0 or not self._eval_due(p.epoch):
+            return True
+        done = dist.all_ranks((self.out_dir / "eval" / tag / "retrieval.json").is_file() or self.rank != 0)
+        if done:
+            return True
+        log.info("the evaluation %s scheduled before the checkpoint did not complete: running it now", tag)
+        return self._eval_or_stop(tag)
 
     def fit(self) -> bool:
         """Trains to the configured number of epochs; False when stopped before the end (resume later)."""
         self.stop.install()
         try:
-            while self.progress.epoch < self.cfg.train.epochs and self.train_epoch():
-                pass
-            finished = self.progress.epoch >= self.cfg.train.epochs
+            going = self._redo_pending_eval()
+            while going and self.progress.epoch < self.cfg.train.epochs:
+                going = self.train_epoch()
+            finished = self.progress.epoch >= self.cfg.train.epochs and self.eval_pending is None
             if finished and self.rank == 0:  # the trained encoder, ready for `dgucdir eval`/search elsewhere
                 self.tracker.log_artifacts([save_encoder(self.core.encoder_q, self.cfg,
                                                          self.out_dir / "encoder.safetensors")], "model")
@@ -390,3 +499,5 @@ class Trainer:
                 log.exception("training failed on rank %d", self.rank)
             self.tracker.end("KILLED" if isinstance(exc, CheckpointSpaceError) else "FAILED")
             raise
+        finally:
+            self.close()

@@ -20,7 +20,6 @@ import os
 import random
 import tarfile
 import time
-import warnings
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -30,6 +29,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..errors import DataError
+from ..file_lock import FolderLock
+from .image_file import MAX_PIXELS, ImageFileError, open_image, read_image_file
 from .manifest import CLASS_EXT, INDEX_EXT, LABEL_EXT, MANIFEST_VERSION, PATH_EXT
 
 log = logging.getLogger(__name__)
@@ -124,31 +125,29 @@ def class_names_from_paths(items: list[Item], n_classes: int) -> list[str]:
 def check_image(item: Item, max_pixels: int) -> Checked:
     """Decodes the image fully; returns its shard bytes or the reason it is skipped."""
     try:
-        data = item.source.read_bytes()
+        data = read_image_file(item.source)
     except FileNotFoundError:
         return Checked(item, None, "", "missing file")
+    except ImageFileError as exc:
+        return Checked(item, None, "", str(exc))
     except OSError as exc:
         return Checked(item, None, "", f"unreadable: {exc}")
     if not data:
         return Checked(item, None, "", "zero-byte file")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:
-                width, height = img.size
-                if width * height > max_pixels:
-                    return Checked(item, None, "", f"absurd size {width}x{height} (> {max_pixels} pixels)")
-                if width < 2 or height < 2:
-                    return Checked(item, None, "", f"absurd size {width}x{height}")
-                fmt, mode = img.format, img.mode
-                img.load()
-                if fmt in ("JPEG", "PNG") and mode in ("RGB", "L"):
-                    return Checked(item, data, "jpg" if fmt == "JPEG" else "png")
-                buf = io.BytesIO()
-                img.convert("RGB").save(buf, format="PNG")
-                return Checked(item, buf.getvalue(), "png")
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        return Checked(item, None, "", f"decompression bomb: {exc}")
+        with open_image(data, max_pixels) as img:
+            width, height = img.size
+            if width < 2 or height < 2:
+                return Checked(item, None, "", f"absurd size {width}x{height}")
+            fmt, mode = img.format, img.mode
+            img.load()
+            if fmt in ("JPEG", "PNG") and mode in ("RGB", "L"):
+                return Checked(item, data, "jpg" if fmt == "JPEG" else "png")
+            buf = io.BytesIO()
+            img.convert("RGB").save(buf, format="PNG")
+            return Checked(item, buf.getvalue(), "png")
+    except ImageFileError as exc:
+        return Checked(item, None, "", str(exc))
     except Exception as exc:  # noqa: BLE001 - any decoder failure means a broken image
         return Checked(item, None, "", f"undecodable: {type(exc).__name__}: {exc}")
 
@@ -302,7 +301,7 @@ def pack(
     label_offset: int = 0,
     shard_mb: float = 256.0,
     workers: int | None = None,
-    max_pixels: int = 40_000_000,
+    max_pixels: int = MAX_PIXELS,
     strict: bool = False,
     progress: bool = True,
 ) -> PackResult:
@@ -319,9 +318,19 @@ def pack(
         classes = class_names_from_paths(every, n_classes)
     elif n_classes > len(classes):
         raise PackError(f"labels go up to {n_classes - 1} but only {len(classes)} class names were given")
+    owner = FolderLock(out, "dgucdir pack").acquire()  # a second pack into `out` is refused, not interleaved
+    try:
+        return _pack_owned(domains, out, classes, label_offset, shard_mb, workers, max_pixels, strict, progress,
+                           every, start)
+    finally:
+        owner.release()
+
+
+def _pack_owned(domains: dict[str, list[Item]], out: Path, classes: list[str], label_offset: int, shard_mb: float,
+                workers: int | None, max_pixels: int, strict: bool, progress: bool, every: list[Item],
+                start: float) -> PackResult:
     checked = check_all(every, workers or os.cpu_count() or 1, max_pixels, progress)
     skipped = [(str(c.item.source), c.reason) for c in checked if c.data is None]
-    out.mkdir(parents=True, exist_ok=True)
     (out / "skipped.tsv").write_text("path\treason\n" + "".join(f"{p}\t{r}\n" for p, r in skipped))
     if strict and skipped:
         raise PackError(f"--strict: {len(skipped)} image(s) skipped, see {out / 'skipped.tsv'}; nothing was packed")
