@@ -346,7 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate cross-domain retrieval of a checkpoint or a baseline")
-    p.add_argument("checkpoint", nargs="?", help="checkpoint folder (ckpt-*) or its state.pt")
+    p.add_argument("checkpoint", nargs="?", help="checkpoint folder (ckpt-*), its state.pt, or an encoder exported "
+                   "by `dgucdir export` (.safetensors, with its config)")
     p.add_argument("--init", nargs="+", metavar=("random|moco-v2", "PATH"),
                    help="evaluate a baseline instead of a checkpoint: 'random' or 'moco-v2 PATH'")
     p.add_argument("--config", help="config (default: the one saved in the checkpoint)")
@@ -359,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("search", help="retrieve the closest gallery images for query images")
-    p.add_argument("checkpoint", help="checkpoint folder (ckpt-*)")
+    p.add_argument("checkpoint", help="checkpoint folder (ckpt-*) or an exported encoder (.safetensors)")
     p.add_argument("--gallery", required=True, help="domain to search in")
     p.add_argument("--query", nargs="+", required=True, help="query image file(s)")
     p.add_argument("--top", type=int, default=10)

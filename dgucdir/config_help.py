@@ -5,7 +5,7 @@ HELP: dict[str, str] = {
     "data.train_domains": "domains trained on, without labels",
     "data.eval_domains": "unseen domains: retrieval is evaluated between every ordered pair of them",
     "data.image_size": "side of the square training/eval views in pixels (paper: 224)",
-    "data.num_threads": "DALI worker threads per pipeline (null: the rank's cores shared by its pipelines)",
+    "data.num_threads": "DALI worker threads per pipeline (null: each pipeline gets every core of the rank)",
     "data.order": "global: a fresh shuffle of every domain each epoch, split across ranks (as DistributedSampler); shard: each rank its fixed shard, buffer-shuffled",
     "data.shuffle_buffer": "DALI reader shuffle buffer (samples per domain), for data.order=shard",
     "augment.fourier": "two-stage Fourier mixing of the RGB views with a partner (false: plain MoCo views)",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,7 +80,7 @@ def gallery_features(encoder: torch.nn.Module, cache_dir: Path, manifest: Manife
     cache_dir.mkdir(exist_ok=True)
     for stale in cache_dir.glob(f"{domain}-*.pt"):
         stale.unlink()
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp")  # never another process's file
     torch.save({"features": feats.cpu(), "labels": labels.cpu()}, tmp)
     tmp.replace(path)
     return feats, labels

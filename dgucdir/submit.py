@@ -183,8 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a shell command run before the tasks start, e.g. 'module load cuda' (repeat; launch.setup)")
     p.add_argument("--python", help="command that runs python on the nodes, for containers, e.g. "
                    "'apptainer exec --nv img.sif python' (default: launch.python, else this python)")
-    p.add_argument("--max-requeues", type=int, help="how often a timed-out or preempted job is requeued "
-                   "(default: launch.max_requeues, 30)")
+    p.add_argument("--max-requeues", type=int, help="how often a job that reached its time limit is requeued "
+                   "(default: launch.max_requeues, 30; requeues after preemption are SLURM's and not counted)")
     p.add_argument("--cpu", action="store_true", help="request no GPUs (CPU tasks, gloo): tests, CPU clusters")
     p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1;V2",
                    help="one job per value (repeat for a cross product); submitted as a job array")

@@ -11,6 +11,14 @@ from pathlib import Path
 import yaml
 
 
+def require_root(what: str) -> None:
+    """Skips the calling test, with one clear reason, when it needs root and the suite runs without it."""
+    import pytest
+
+    if os.geteuid() != 0:
+        pytest.skip(f"needs root ({what}); run as root, as CI does, or skip these with -m 'not slow'")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

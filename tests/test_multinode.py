@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, free_port, history, run, tiny_config
+from helpers import REPO, free_port, history, run, tiny_config, require_root
 
 pytestmark = pytest.mark.slow
 SCRIPT = REPO / "scripts/cluster.sh"
@@ -38,6 +38,7 @@ def on(host: str, *cmd: str, timeout: int = 300, check: bool = True) -> subproce
 
 @pytest.fixture(scope="module")
 def hosts():
+    require_root("two hosts made of network namespaces, and SLURM installed by apt")
     up = cluster("up", timeout=600, check=False)
     if up.returncode != 0:
         pytest.fail(f"could not start the two-host cluster:\n{up.stdout}\n{up.stderr}")

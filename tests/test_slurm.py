@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, history, tiny_config
+from helpers import REPO, history, tiny_config, require_root
 
 pytestmark = pytest.mark.slow  # end-to-end runs; `pytest -m "not slow"` skips them while iterating
 
@@ -19,6 +19,7 @@ pytestmark = pytest.mark.slow  # end-to-end runs; `pytest -m "not slow"` skips t
 @pytest.fixture(scope="module")
 def slurm_env():
     """Brings the private cluster up (installing Debian's slurm-wlm and munge if needed)."""
+    require_root("a private SLURM cluster: apt installs slurm-wlm and munge, slurmctld runs as root")
     script = REPO / "scripts/slurm_cluster.sh"
     up = subprocess.run(["bash", str(script), "up"], capture_output=True, text=True, timeout=600)
     if up.returncode != 0:

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import META, read_shared
-from ..config import Config, from_dict, load_config, with_overrides
+from ..config import Config, from_dict, load_config, to_dict, with_overrides
 from ..errors import CheckpointError
 from .encoder import MOCO_PREFIX, Encoder, load_moco_v2
 
@@ -26,12 +26,19 @@ def encoder_state(shared: dict) -> dict[str, torch.Tensor]:
 
 def encoder_from_checkpoint(path: Path, config: str | Path | None = None,
                             overrides: Sequence[str] = ()) -> tuple[Encoder, Config]:
-    """The query encoder of a dgucdir checkpoint (folder or its state.pt) and the config to use it with.
+    """The query encoder of a dgucdir checkpoint (folder or its state.pt), or of an encoder exported by
+    ``dgucdir export`` (``.safetensors``, which carries its config), and the config to use it with.
 
     The config is the one it was trained with, or the file ``config`` when given; ``overrides``
     apply to either and are validated as on the command line (its model section must still
     match the checkpoint's tensors).
     """
+    if Path(path).suffix == ".safetensors":
+        encoder, saved = load_encoder(Path(path))
+        cfg = load_config(config, overrides) if config else with_overrides(to_dict(saved), overrides)
+        if (cfg.model.arch, cfg.model.proj_dim) != (saved.model.arch, saved.model.proj_dim):
+            raise CheckpointError(f"{path}: holds a {saved.model.arch} encoder; the config asks for {cfg.model.arch}")
+        return encoder, cfg
     shared = read_shared(path)
     cfg = load_config(config, overrides) if config else with_overrides(shared[META]["config"], overrides)
     encoder = Encoder(cfg.model.arch, cfg.model.proj_dim)
