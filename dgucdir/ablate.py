@@ -23,23 +23,26 @@ on several machines (or a machine whose disk does not last) by keeping that smal
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import ConfigError, load_config
-from .errors import UserError
+from .errors import EXIT_RESUMABLE, UserError
 from .extras import pyplot
+from .file_lock import FolderLock
 from .runs import parent_run
 from .threads import CONCURRENT_RUNS
 from .tracking import _git, start_sweep_run, tracking_uri
@@ -292,14 +295,72 @@ def train_stamped(config: str, args: list[str], run_dir: Path, current: dict, co
         (run_dir / STAMP).write_text(json.dumps(current, indent=1) + "\n")
     command = [sys.executable, "-m", "dgucdir", "train", config, *args, "--resume"]
     if concurrent == 1:
-        subprocess.run(command, check=True)
-        return
-    log_file = run_dir / "train.log"
-    with open(log_file, "a") as output:
-        done = subprocess.run(command, stdout=output, stderr=subprocess.STDOUT,
-                              env={**os.environ, CONCURRENT_RUNS: str(concurrent)})
-    if done.returncode != 0:
-        raise RuntimeError(f"{run_dir}: training failed (exit status {done.returncode}); its output is in {log_file}")
+        status, where = CHILDREN.run(command), "above"
+    else:
+        log_file = run_dir / "train.log"
+        with open(log_file, "a") as output:
+            status = CHILDREN.run(command, stdout=output, stderr=subprocess.STDOUT,
+                                  env={**os.environ, CONCURRENT_RUNS: str(concurrent)})
+        where = f"in {log_file}"
+    if status == EXIT_RESUMABLE:
+        raise StoppedRun(f"{run_dir}: stopped with a checkpoint; run the same command again to go on")
+    if status != 0:
+        raise RuntimeError(f"{run_dir}: training failed (exit status {status}); its output is {where}")
+
+
+class StoppedRun(UserError):
+    """A training stopped by a signal, resumable: the ablation stops too, and resumes when run again."""
+
+    exit_code = EXIT_RESUMABLE
+
+
+class Children:
+    """The trainings an ablation runs, so that a stop signal reaches them: SIGTERM, SIGINT or SIGUSR1 to
+    `dgucdir ablate` is passed on to every running training (each checkpoints and exits 75) and no new
+    one starts."""
+
+    def __init__(self) -> None:
+        self.running: set[subprocess.Popen] = set()
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+
+    def run(self, command: list[str], **kw) -> int:
+        with self.lock:
+            if self.stopping.is_set():
+                return EXIT_RESUMABLE
+            proc = subprocess.Popen(command, **kw)
+            self.running.add(proc)
+        try:
+            return proc.wait()
+        finally:
+            with self.lock:
+                self.running.discard(proc)
+
+    def forward(self, signum: int, frame: object) -> None:
+        self.stopping.set()
+        with self.lock:
+            for proc in self.running:
+                proc.send_signal(signum)
+        log.warning("received %s: passed on to %d running training(s); no new one starts",
+                    signal.Signals(signum).name, len(self.running))
+
+    @contextlib.contextmanager
+    def forwarding_signals(self) -> Iterator[None]:
+        """Installs :meth:`forward` for the stop signals (main thread only), restoring the old handlers after."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        stops = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+        before = {s: signal.signal(s, self.forward) for s in stops}
+        self.stopping.clear()
+        try:
+            yield
+        finally:
+            for s, handler in before.items():
+                signal.signal(s, handler)
+
+
+CHILDREN = Children()
 
 
 def train_all(config: str, jobs: list[tuple[Path, list[str]]], current: dict, concurrent: int = 1,
@@ -310,7 +371,7 @@ def train_all(config: str, jobs: list[tuple[Path, list[str]]], current: dict, co
     On a machine whose cores one small run cannot keep busy (the demo on a 2-core VM trained at 216
     samples/s alone, 126 + 133 as two runs with one core each), several at once finish a grid sooner.
     The first failure starts nothing new; the runs already going finish (they resume anyway) and the
-    failure is raised."""
+    failure is raised. A stop signal is passed on to the running trainings (:class:`Children`)."""
     if concurrent < 1:
         raise ConfigError(f"--jobs {concurrent}: expected at least 1")
 
@@ -320,21 +381,40 @@ def train_all(config: str, jobs: list[tuple[Path, list[str]]], current: dict, co
         train_stamped(config, args, run_dir, current, concurrent)
         finished(run_dir)
 
-    if concurrent == 1:
-        for position, (run_dir, args) in enumerate(jobs, 1):
-            train(position, run_dir, args)
-        return
-    from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+    with CHILDREN.forwarding_signals():
+        _train_all(jobs, concurrent, train)
 
-    pool = ThreadPoolExecutor(max_workers=concurrent)
-    try:
-        futures = [pool.submit(train, i, run_dir, args) for i, (run_dir, args) in enumerate(jobs, 1)]
-        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-    finally:  # a failure or Ctrl-C: nothing new starts, the runs going finish or stop
-        pool.shutdown(wait=True, cancel_futures=True)
-    failed = [f.exception() for f in futures if f in done and f.exception() is not None]
-    if failed:
-        raise failed[0]
+
+def _train_all(jobs: list[tuple[Path, list[str]]], concurrent: int, train: Callable[[int, Path, list[str]], object]
+               ) -> None:
+    """``train(position, run_dir, args)`` for every job, ``concurrent`` at a time in list order; after the first
+    failure no job starts (the ones running finish) and the failure is raised."""
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    queue = iter(enumerate(jobs, 1))
+    running: set = set()
+    failure: BaseException | None = None
+    with ThreadPoolExecutor(max_workers=concurrent) as pool:
+        def fill() -> None:
+            while failure is None and len(running) < concurrent and not CHILDREN.stopping.is_set():
+                job = next(queue, None)
+                if job is None:
+                    return
+                position, (run_dir, args) = job
+                running.add(pool.submit(train, position, run_dir, args))
+
+        fill()
+        while running:
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            running.difference_update(done)
+            for future in done:
+                if failure is None and future.exception() is not None:
+                    failure = future.exception()
+            fill()
+    if failure is not None:
+        raise failure
+    if CHILDREN.stopping.is_set():
+        raise StoppedRun("stopped by a signal before every run finished; run the same command again to go on")
 
 
 def run_ablation(config: str, overrides: list[str], variants: list[str], seeds: list[int], out: Path,
@@ -342,10 +422,20 @@ def run_ablation(config: str, overrides: list[str], variants: list[str], seeds: 
     """Trains every (variant, seed) that has not finished yet, ``concurrent`` at a time; returns the table.
 
     With a ``record`` (see the module's docstring) the runs it holds for this code are taken as finished,
-    and it is rewritten with each run that finishes, keeping the runs of other variants and seeds it holds."""
+    and it is rewritten with each run that finishes, keeping the runs of other variants and seeds it holds.
+    The ablation owns ``out`` while it runs: a second one into it is refused."""
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise ConfigError(f"--variants: unknown {unknown}; known: {', '.join(VARIANTS)}")
+    owner = FolderLock(out, "dgucdir ablate").acquire()
+    try:
+        return _run_ablation(config, overrides, variants, seeds, out, concurrent, record)
+    finally:
+        owner.release()
+
+
+def _run_ablation(config: str, overrides: list[str], variants: list[str], seeds: list[int], out: Path,
+                  concurrent: int, record: Path | None) -> Ablation:
     pyplot("the ablation chart")  # before hours of training, not after
     current = code_version()
     check_stamps([out / f"{name}-seed{seed}" for name in variants for seed in seeds], current)

@@ -73,6 +73,7 @@ def bench_train(config: str, overrides: list[str], steps: int, warmup: int) -> d
         _sync(device)
         elapsed = time.perf_counter() - start
         wait = trainer.loader.data_wait_s - wait0
+        trainer.close()
     samples_s = steps * cfg.train.batch_size / elapsed  # global samples, all ranks
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(trainer.precision, torch.float32)
     peak = matmul_peak(device, dtype)  # float32 under the run's TF32 setting (train.tf32)

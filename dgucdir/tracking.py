@@ -196,11 +196,11 @@ class Tracker:
         self.failures: list[str] = []  # what did not reach MLflow
         self._paused_until = 0.0
 
-    def _guarded(self, what: str, call: Callable[[], Any]) -> Any:
+    def _guarded(self, what: str, call: Callable[[], Any], even_if_paused: bool = False) -> Any:
         """``call()`` with a bounded retry; on its last failure a warning, None, and training goes on. After
         a failure the store is left alone for ``PAUSE_S`` (calls in that time are skipped and counted), so a
         store that is down costs a run seconds, not a retry at every log step."""
-        if time.monotonic() < self._paused_until:
+        if time.monotonic() < self._paused_until and not even_if_paused:
             self.failures.append(what)
             return None
         for attempt in range(self.RETRIES):
@@ -337,7 +337,7 @@ class Tracker:
         plainly when tracking failed and where the metrics are."""
         if self.active:
             self._guarded("ending the run", lambda: self._mlflow.active_run() is not None and
-                          self._mlflow.end_run(status=status))
+                          self._mlflow.end_run(status=status), even_if_paused=True)
         self.active = False
         if self.failures and self.metrics is not None:
             log.warning("MLflow tracking failed %d time(s) in this run (first: %s); every metric is in %s; "

@@ -235,7 +235,9 @@ class Trainer:
         return lock
 
     def close(self) -> None:
-        """Releases the run folder (done at the end of :meth:`fit`; for a Trainer used without it)."""
+        """Ends the MLflow run if it is still open and releases the run folder (the end of :meth:`fit` does
+        both; this is for a Trainer used without it, e.g. `bench train`)."""
+        self.tracker.end("KILLED")  # a no-op once fit ended the run
         if self.folder_lock is not None:
             self.folder_lock.release()
 

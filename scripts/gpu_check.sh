@@ -10,8 +10,9 @@
 #                                 OUT_DIR/venv, a new venv that sees the system's torch
 #   PYTHON=...                    the node's interpreter (default: python3)
 #
-# Sized to finish within 8 minutes on one H100-class GPU, the install included (docs/INSTALL.md
-# lists the expected time of each phase). Refuses to start the GPU phases without a CUDA device.
+# The DALI half of the GPU checks (scripts/device_check.py is the half without DALI; docs/INSTALL.md,
+# "The GPU checks", says how DALI's wheel travels in parts). Each phase's time is printed as it ends;
+# no GPU has timed it yet. Refuses to start the GPU phases without a CUDA device.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 wheelhouse=""

@@ -3,6 +3,7 @@
 import pytest
 
 import json
+import time
 
 from dgucdir.ablate import (STAMP, Ablation, VariantResult, check_stamps, code_fingerprint, run_ablation,
                             write_report)
@@ -165,11 +166,13 @@ def test_jobs_keep_at_most_n_trainings_going_and_stop_starting_after_a_failure(m
             going[0] += 1
             most[0] = max(most[0], going[0])
             started.append(run_dir.name)
+        if run_dir.name == "fails":  # fails at once, while the run beside it is still going
+            with lock:
+                going[0] -= 1
+            raise RuntimeError("fails: training failed")
         time.sleep(0.1)
         with lock:
             going[0] -= 1
-        if run_dir.name == "fails":
-            raise RuntimeError("fails: training failed")
 
     monkeypatch.setattr(ablate, "train_stamped", fake_train)
     jobs = [(tmp_path / f"run{i}", []) for i in range(7)]
@@ -179,7 +182,7 @@ def test_jobs_keep_at_most_n_trainings_going_and_stop_starting_after_a_failure(m
     failing = [(tmp_path / "fails", []), *jobs]
     with pytest.raises(RuntimeError, match="fails: training failed"):
         ablate.train_all("c.yaml", failing, {}, concurrent=2)
-    assert len(started) < len(failing)  # the rest never started
+    assert sorted(started) == ["fails", "run0"]  # the one beside it finished; nothing started after the failure
     with pytest.raises(ConfigError, match="--jobs 0"):
         ablate.train_all("c.yaml", jobs, {}, concurrent=0)
 
@@ -227,3 +230,29 @@ def test_ablation_trains_each_variant_and_seed_under_one_parent_run(tmp_path, de
     (out / "full-seed1" / STAMP).write_text(json.dumps({**stamp, "code": "0" * 16}))
     with pytest.raises(UserError, match="full-seed1 was trained by code 0000000000000000"):
         run_ablation(str(cfg), [f"tracking.uri={uri}"], ["full"], [0, 1], out)
+
+
+def test_a_stop_signal_to_ablate_reaches_its_trainings_and_starts_nothing_new():
+    """SIGTERM to the ablation (here: to this process, inside its handlers) is passed on to the running
+    training, and a training asked to start afterwards does not."""
+    import os
+    import signal
+    import sys
+    import threading
+
+    from dgucdir.ablate import CHILDREN
+    from dgucdir.errors import EXIT_RESUMABLE
+
+    statuses = []
+    with CHILDREN.forwarding_signals():
+        child = threading.Thread(target=lambda: statuses.append(
+            CHILDREN.run([sys.executable, "-c", "import time; time.sleep(60)"])))
+        child.start()
+        deadline = time.time() + 30
+        while not CHILDREN.running and time.time() < deadline:
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGTERM)
+        child.join(timeout=30)
+        assert statuses == [-signal.SIGTERM]  # the child got the signal (and would checkpoint and exit 75)
+        assert CHILDREN.run([sys.executable, "-c", "pass"]) == EXIT_RESUMABLE  # nothing new starts
+    assert signal.getsignal(signal.SIGTERM) is not CHILDREN.forward  # the handlers are restored

@@ -85,11 +85,14 @@ def test_sigterm_checkpoints_and_exits_zero_then_resume_is_exact(tmp_path, demo_
     assert "received SIGTERM" in out
     stopped = max(int(p.name.split("-")[1]) for p in (tmp_path / "sig/checkpoints").glob("ckpt-*"))
     assert 5 <= stopped < 15
+    before = dict(history(tmp_path / "sig")[1])  # what the stopped run logged, before the resume
+    assert sorted(before) == list(range(1, stopped + 1))
     run(["train", str(cfg), "--resume"])
     _, got = history(tmp_path / "sig")
     _, want = history(uninterrupted)
-    for step in range(stopped + 1, 16):
-        assert got[step] == want[step], step
+    # every step, before the stop as after it: a run that diverged before the signal fails here too
+    assert [(s, before.get(s, got[s])) for s in range(1, 16)] == [(s, want[s]) for s in range(1, 16)]
+    assert all(got[s] == want[s] for s in range(1, 16))
 
 
 def test_resume_with_every_checkpoint_unreadable_is_an_error_not_a_fresh_start(tmp_path, demo_manifest, uninterrupted):
