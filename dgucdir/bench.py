@@ -289,6 +289,76 @@ def run_bench(what: str, manifest: str, image_size: int, batch_size: int, steps:
         result = bench_aug(image_size, batch_size, steps)
     elif what == "loader":
         result = bench_loader(manifest, image_size, batch_size, steps)
+    elif what == "table":
+        result = bench_table(sizes[0])
+    elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        result = bench_eval_sharded(sizes)
     else:
         result = bench_eval(sizes, naive_max)
     return {"bench": what, "machine": _machine(), **result}
+
+
+TABLE_PROBE = """
+import json, sys, time
+import numpy as np
+start = time.perf_counter()
+table = np.load(sys.argv[1], mmap_mode="r")
+opened = time.perf_counter() - start
+rows = np.random.default_rng(0).integers(0, len(table), 10000)
+labels = [table[int(i)]["label"] for i in rows]
+status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+print(json.dumps({"open_s": opened, "read_10000_random_rows_s": time.perf_counter() - start - opened,
+                  "peak_rss_mb": int(status["VmHWM"].split()[0]) / 1024, "rss_mb": int(status["VmRSS"].split()[0]) / 1024}))
+"""  # VmHWM: this process's own peak (ru_maxrss would carry the parent's across fork and exec)
+
+
+def bench_table(rows: int) -> dict:
+    """A synthetic sample table of ``rows`` rows (the format `dgucdir pack` writes), opened memory-mapped in a
+    fresh process that then reads 10000 random rows: the cost of the sample table to one rank."""
+    import tempfile
+
+    from .data.manifest import TABLE_DTYPE
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "samples.npy"
+        table = np.lib.format.open_memmap(path, mode="w+", dtype=TABLE_DTYPE, shape=(rows,))
+        table["label"] = np.arange(rows) % 345
+        table["shard"] = np.arange(rows) // 10000
+        table["offset"] = (np.arange(rows) % 10000) * 25600
+        table["size"] = 25000
+        table.flush()
+        del table
+        probe = subprocess.run([sys.executable, "-c", TABLE_PROBE, str(path)], capture_output=True, text=True,
+                               check=True)
+        return {"rows": rows, "file_mb": path.stat().st_size / 2**20, **json.loads(probe.stdout)}
+
+
+def bench_eval_sharded(sizes: list[int], dim: int = 2048, classes: int = 7) -> dict:
+    """Evaluation sharded by query in the world it is launched in (`torchrun --nproc_per_node W`): every rank
+    scores its every-W-th query against the whole gallery; the per-query figures are gathered and summed.
+    Reports each rank's seconds (the slowest), to compare with one process's ``ours_s``."""
+    import torch.distributed
+
+    from . import dist
+    from .retrieval import query_scores
+
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("gloo")
+    topk, out = [1, 5, 15], {"dim": dim, "classes": classes, "world_size": dist.world_size(), "runs": []}
+    for n in sizes:
+        g = torch.Generator().manual_seed(n)  # the same data as bench_eval's, on every rank
+        labels = torch.randint(0, classes, (n,), generator=g)
+        centers = torch.randn(classes, dim, generator=g)
+        qf = centers[labels] + 12 * torch.randn(n, dim, generator=g)
+        gl = torch.randint(0, classes, (n,), generator=g)
+        gf = centers[gl] + 12 * torch.randn(n, dim, generator=g)
+        mine = torch.arange(dist.rank(), n, dist.world_size())
+        dist.barrier()
+        start = time.perf_counter()
+        precision, map_all, _, _ = query_scores(qf[mine], labels[mine], gf, gl, topk, 200, q_index=mine
+                                                ).gathered().metrics(topk)
+        seconds = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
+        slowest = float(dist.all_gather(seconds).max())
+        out["runs"].append({"n": n, "per_rank_s": slowest, "precision": precision, "map_all": map_all,
+                            "threads_per_rank": torch.get_num_threads()})
+    return out

@@ -136,6 +136,8 @@ class EvalConfig:
     map_k: int = 200
     batch_size: int = 128
     chunk_size: int = 1024
+    # working memory of the scoring per rank, MiB: a chunk of queries x the gallery (~24 B per entry)
+    chunk_mib: int = 512
     picture_queries: int = 4
     picture_topk: int = 8
 

@@ -65,6 +65,7 @@ HELP: dict[str, str] = {
     "eval.topk": "K of the P@K metrics (capped by the number of relevant items)",
     "eval.map_k": "K of mAP@K",
     "eval.batch_size": "images per eval batch",
+    "eval.chunk_mib": "the scoring's working memory per rank, MiB (queries per chunk x gallery x ~24 B)",
     "eval.chunk_size": "queries scored per chunk (bounds memory)",
     "eval.picture_queries": "queries per retrieval picture (0: no pictures)",
     "eval.picture_topk": "gallery items per query in the pictures",

@@ -71,20 +71,69 @@ def rank_gallery(keys: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(packed)
 
 
-def retrieval_metrics(q_feat: torch.Tensor, q_lab: torch.Tensor, g_feat: torch.Tensor, g_lab: torch.Tensor,
-                      topk: list[int], map_k: int, chunk_size: int = 1024) -> tuple[dict[int, float], float, float, int]:
-    """(P@K per K, mAP@All, mAP@map_k, number of scored queries); features need not be normalised."""
+@dataclass
+class QueryScores:
+    """Per scored query (queries whose class has gallery items), in the order given: what the metrics sum.
+
+    Kept per query so that any split of the queries (over ranks, over chunks) sums to the same figures:
+    the counts are integers, the average precisions are summed in query order in float64.
+    """
+
+    index: torch.Tensor  # (n,) int64: the query's position (or global index) as given
+    hits: torch.Tensor  # (n, len(topk)) int64: relevant items in the top K' = min(K, n_rel)
+    k_eff: torch.Tensor  # (n, len(topk)) int64: K'
+    ap: torch.Tensor  # (n,) float64: average precision over the full ranking
+    ap_k: torch.Tensor  # (n,) float64: average precision in the top map_k
+
+    @classmethod
+    def empty(cls, n_topk: int) -> "QueryScores":
+        return cls(torch.zeros(0, dtype=torch.long), torch.zeros(0, n_topk, dtype=torch.long),
+                   torch.zeros(0, n_topk, dtype=torch.long), torch.zeros(0, dtype=torch.float64),
+                   torch.zeros(0, dtype=torch.float64))
+
+    @classmethod
+    def cat(cls, parts: list["QueryScores"]) -> "QueryScores":
+        return cls(*(torch.cat([getattr(p, f) for p in parts]) for f in ("index", "hits", "k_eff", "ap", "ap_k")))
+
+    def sorted(self) -> "QueryScores":
+        order = torch.argsort(self.index, stable=True)
+        return QueryScores(self.index[order], self.hits[order], self.k_eff[order], self.ap[order], self.ap_k[order])
+
+    def metrics(self, topk: list[int]) -> tuple[dict[int, float], float, float, int]:
+        """(P@K per K, mAP@All, mAP@map_k, number of scored queries), summed in the order held."""
+        hits, denom = self.hits.sum(0), self.k_eff.sum(0)
+        precision = {k: float(hits[i]) / max(float(denom[i]), 1.0) for i, k in enumerate(topk)}
+        n = max(len(self.index), 1)
+        return precision, float(self.ap.sum()) / n, float(self.ap_k.sum()) / n, len(self.index)
+
+    def gathered(self) -> "QueryScores":
+        """Every rank's scores on every rank, in index order (the queries' global indices must be distinct)."""
+        if not dist.is_distributed():
+            return self.sorted()
+        device = dist.comm_device()
+        ints = dist.gather_variable(torch.cat([self.index[:, None], self.hits, self.k_eff], 1).to(device)).cpu()
+        floats = dist.gather_variable(torch.stack([self.ap, self.ap_k], 1).to(device)).cpu()
+        k = self.hits.shape[1]
+        return QueryScores(ints[:, 0], ints[:, 1:1 + k], ints[:, 1 + k:], floats[:, 0], floats[:, 1]).sorted()
+
+
+def query_scores(q_feat: torch.Tensor, q_lab: torch.Tensor, g_feat: torch.Tensor, g_lab: torch.Tensor,
+                 topk: list[int], map_k: int, chunk_size: int = 1024, q_index: torch.Tensor | None = None,
+                 chunk_bytes: int = CHUNK_BYTES) -> QueryScores:
+    """The per-query figures of ``q_feat`` against the whole gallery, ``chunk_size`` queries at a time and at
+    most ``chunk_bytes`` of working memory (about 24 bytes per query-gallery entry); never an N x N matrix."""
+    if q_feat.shape[0] == 0:
+        return QueryScores.empty(len(topk))
+    q_index = torch.arange(q_feat.shape[0]) if q_index is None else q_index.cpu().long()
     q_feat = F.normalize(q_feat.float(), dim=1)
     g_feat = F.normalize(g_feat.float(), dim=1)
     n_gallery = g_feat.shape[0]
     n_classes = int(max(q_lab.max(), g_lab.max())) + 1
     n_rel_of_class = torch.bincount(g_lab, minlength=n_classes)
-    chunk = max(1, min(chunk_size, CHUNK_BYTES // (24 * max(n_gallery, 1))))
-    hits = torch.zeros(len(topk), dtype=torch.float64)
-    denom = torch.zeros(len(topk), dtype=torch.float64)
-    ap_sum = ap_k_sum = 0.0
-    scored = 0
+    chunk = max(1, min(chunk_size, chunk_bytes // (24 * max(n_gallery, 1))))
     positions = torch.arange(1, n_gallery + 1, device=g_feat.device, dtype=torch.float32)
+    ks = torch.tensor(topk, device=g_feat.device)
+    parts = []
     for start in range(0, q_feat.shape[0], chunk):
         ql = q_lab[start : start + chunk]
         n_rel = n_rel_of_class[ql]
@@ -100,17 +149,20 @@ def retrieval_metrics(q_feat: torch.Tensor, q_lab: torch.Tensor, g_feat: torch.T
         rel = g_lab[order] == ql[:, None]
         del order
         cum = rel.cumsum(1, dtype=torch.int32)
-        for i, k in enumerate(topk):
-            k_eff = n_rel.clamp(max=k)
-            hits[i] += float(cum.gather(1, (k_eff - 1)[:, None]).sum())
-            denom[i] += float(k_eff.sum())
+        k_eff = torch.minimum(n_rel[:, None], ks[None, :])
+        hits = cum.gather(1, k_eff - 1)
         prec_at_rel = torch.where(rel, cum.float() / positions, 0.0)
-        ap_sum += float((prec_at_rel.sum(1) / n_rel).sum())
-        ap_k_sum += float((prec_at_rel[:, :map_k].sum(1) / n_rel.clamp(max=map_k)).sum())
-        scored += int(keep.sum())
-    scored_div = max(scored, 1)
-    precision = {k: float(hits[i] / max(denom[i], 1)) for i, k in enumerate(topk)}
-    return precision, ap_sum / scored_div, ap_k_sum / scored_div, scored
+        ap = prec_at_rel.sum(1).double() / n_rel
+        ap_k = prec_at_rel[:, :map_k].sum(1).double() / n_rel.clamp(max=map_k)
+        parts.append(QueryScores(q_index[start : start + chunk][keep.cpu()], hits.long().cpu(), k_eff.long().cpu(),
+                                 ap.cpu(), ap_k.cpu()))
+    return QueryScores.cat(parts) if parts else QueryScores.empty(len(topk))
+
+
+def retrieval_metrics(q_feat: torch.Tensor, q_lab: torch.Tensor, g_feat: torch.Tensor, g_lab: torch.Tensor,
+                      topk: list[int], map_k: int, chunk_size: int = 1024) -> tuple[dict[int, float], float, float, int]:
+    """(P@K per K, mAP@All, mAP@map_k, number of scored queries); features need not be normalised."""
+    return query_scores(q_feat, q_lab, g_feat, g_lab, topk, map_k, chunk_size).metrics(topk)
 
 
 # --------------------------------------------------------------------------- features
@@ -151,7 +203,15 @@ def extract_features(encoder: torch.nn.Module, domain: Domain, source: ImageSour
     Each rank embeds its shard; the pieces are gathered and put back in order by their index
     within the domain. Ranks other than 0 get empty tensors when ``to_all_ranks`` is False.
     """
-    local = embed_local(encoder, domain, source, batch_size, device, precision=precision)
+    return in_dataset_order(domain, embed_local(encoder, domain, source, batch_size, device, precision=precision),
+                            to_all_ranks)
+
+
+def in_dataset_order(domain: Domain, local: tuple[torch.Tensor, torch.Tensor, torch.Tensor], to_all_ranks: bool = True
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every rank's (features, labels, indices) of ``domain`` gathered and put in dataset order (on every rank,
+    or on rank 0 only: the others get empty tensors)."""
+    device = local[0].device
     f_all, l_all, i_all = (dist.gather_variable(t, to_all_ranks) for t in local)
     if not to_all_ranks and dist.rank() != 0:
         return local[0][:0], local[1][:0]
@@ -245,11 +305,18 @@ def picture_grid(rows: list[list[tuple[Image.Image, str]]], size: int = 72, pad:
 
 def retrieval_picture(q_domain: Domain, g_domain: Domain, q_feat: torch.Tensor, q_lab: torch.Tensor,
                       g_feat: torch.Tensor, g_lab: torch.Tensor, n_queries: int, topk: int, seed: int = 0,
-                      size: int = 72) -> Image.Image:
-    """Rows: a query (blue frame) then its top-k gallery items, framed green if correct, red if not."""
+                      size: int = 72, records: dict[str, list] | None = None) -> Image.Image:
+    """Rows: a query (blue frame) then its top-k gallery items, framed green if correct, red if not.
+
+    ``records``: the domains' sample tables already read (by domain name), so that the pictures of an
+    evaluation parse each domain's table once, not once per pair."""
     gen = torch.Generator().manual_seed(seed)
     picks = torch.randperm(q_feat.shape[0], generator=gen)[:n_queries].tolist()
-    q_rec, g_rec = q_domain.samples(), g_domain.samples()
+    records = {} if records is None else records
+    for domain in (q_domain, g_domain):
+        if domain.name not in records:
+            records[domain.name] = domain.samples()
+    q_rec, g_rec = records[q_domain.name], records[g_domain.name]
     g_norm = F.normalize(g_feat.float(), dim=1)
     rows = []
     for qi in picks:
@@ -272,17 +339,23 @@ def evaluate(encoder: torch.nn.Module, manifest: Manifest, domains: list[str], s
              precision: str = "no", checkpoint: Callable[[], None] = lambda: None) -> tuple[EvalReport, list[Path]]:
     """Embeds every domain once, scores every ordered pair, saves tables (and pictures) on rank 0.
 
+    Sharded by query: each rank embeds its share of every domain; the features of each domain are
+    shared once (the galleries, on every rank); each rank scores only its own queries against them,
+    in chunks of at most ``eval.chunk_mib``; the per-query figures are gathered and summed in query
+    order, so the metrics equal one process's exactly, at any world size. The scoring work is divided
+    by the world size, where it used to be repeated on every rank.
+
     ``checkpoint()`` is called on every rank after each domain's embedding and each pair's scoring
     (the trainer's stop check, which may raise): a long evaluation is never in the way of a stop.
     """
     manifest.check_domains(domains, "eval domains")
     was_training = encoder.training
     encoder.eval()
-    feats = {}
+    local, feats = {}, {}
     try:
         for d in domains:
-            feats[d] = extract_features(encoder, manifest.domain(d), source, cfg.batch_size, device,
-                                        precision=precision)
+            local[d] = embed_local(encoder, manifest.domain(d), source, cfg.batch_size, device, precision=precision)
+            feats[d] = in_dataset_order(manifest.domain(d), local[d])
             checkpoint()
     finally:
         encoder.train(was_training)
@@ -292,15 +365,18 @@ def evaluate(encoder: torch.nn.Module, manifest: Manifest, domains: list[str], s
             if q == g:
                 continue
             checkpoint()
-            scores, map_all, map_at_k, n = retrieval_metrics(*feats[q], *feats[g], cfg.topk, cfg.map_k, cfg.chunk_size)
-            report.pairs.append(PairMetrics(q, g, scores, map_all, map_at_k, n))
+            q_feat, q_lab, q_index = local[q]
+            scores = query_scores(q_feat, q_lab, *feats[g], cfg.topk, cfg.map_k, cfg.chunk_size, q_index,
+                                  cfg.chunk_mib * 2**20).gathered()
+            report.pairs.append(PairMetrics(q, g, *scores.metrics(cfg.topk)))
     files: list[Path] = []
     if out_dir is not None and dist.rank() == 0:
         files = report.save(out_dir, stem)
         if cfg.picture_queries > 0:
+            records: dict[str, list] = {}
             for p in report.pairs:
                 pic = retrieval_picture(manifest.domain(p.query), manifest.domain(p.gallery), *feats[p.query],
-                                        *feats[p.gallery], cfg.picture_queries, cfg.picture_topk)
+                                        *feats[p.gallery], cfg.picture_queries, cfg.picture_topk, records=records)
                 path = out_dir / f"{stem}_{p.query}_to_{p.gallery}.png"
                 pic.save(path)
                 files.append(path)

@@ -160,7 +160,7 @@ def test_a_stop_during_clustering_or_evaluation_is_prompt_and_resumes_exactly(tm
     straight = _trainer(tmp_path, demo_manifest, "straight", **kw)
     assert straight.fit()
     box = [_trainer(tmp_path, demo_manifest, "stopped", **kw)]
-    module, name = (cluster_features, "embed_local") if during == "clustering" else (retrieval, "extract_features")
+    module, name = (cluster_features, "embed_local") if during == "clustering" else (retrieval, "embed_local")
     real = _stop_when(monkeypatch, module, name, box)
     start = time.perf_counter()
     assert not box[0].fit()  # stopped: `dgucdir train` exits 75

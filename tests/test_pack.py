@@ -92,7 +92,7 @@ def test_packing_is_idempotent(tmp_path, damaged_lists):
     pack(_read(root, lists), tmp_path / "o1", label_offset=1, shard_mb=1, workers=1, progress=False)
     names = {p.name for p in (tmp_path / "o1/b").iterdir()}
     assert not any(n.startswith(".tmp") for n in names)
-    assert names == {"b-000000.tar", "b-000000.idx", "samples.tsv"}
+    assert names == {"b-000000.tar", "b-000000.idx", "samples.tsv", "samples.npy"}
 
 
 @pytest.mark.parametrize("line, message", [
@@ -180,3 +180,35 @@ def test_bench_photos_are_photo_sized_jpegs_in_four_colour_cast_domains(tmp_path
     # the crops differ per domain; a cast of 1.15/0.8 vs 0.8/1.15 doubles red/blue whatever they show
     assert mean_rgb["warm"][0] / mean_rgb["warm"][2] > 1.5 * mean_rgb["cool"][0] / mean_rgb["cool"][2]
     assert mean_rgb["bright"].mean() > mean_rgb["dim"].mean()
+
+
+def test_the_memory_mapped_sample_table_is_the_tsv_and_reads_the_same_bytes(demo_manifest, tmp_path):
+    """samples.npy (row i = sample i) holds what samples.tsv says; the reader gets every sample's bytes through
+    it; a pack without it (an older version's) is read from the tsv, with the same table."""
+    import shutil
+
+    from dgucdir.data.reader import SampleReader
+
+    domain = Manifest.load(demo_manifest).domain("neon")
+    table = domain.table()
+    assert isinstance(table, np.memmap) and len(table) == domain.count
+    records = domain.samples()
+    names = [s.path.name for s in domain.shards]
+    assert [(int(r["label"]), names[int(r["shard"])], int(r["offset"]), int(r["size"])) for r in table] == \
+        [(r.label, r.shard.name, r.offset, r.size) for r in records]
+    reader = SampleReader([domain])
+    for i in (0, 7, domain.count - 1):
+        data, label = reader.read(0, i)
+        assert bytes(data) == domain.read_image_bytes(records[i]) and label == records[i].label
+    old = tmp_path / "old"
+    shutil.copytree(demo_manifest.parent, old)
+    (old / "neon" / "samples.npy").unlink()
+    legacy = Manifest.load(old / "manifest.json").domain("neon").table()
+    assert not isinstance(legacy, np.memmap) and np.array_equal(legacy, np.asarray(table))
+
+
+def test_a_two_million_row_table_opens_at_once_without_reading_it():
+    from dgucdir.bench import bench_table
+
+    r = bench_table(2_000_000)
+    assert r["open_s"] < 0.5 and r["rss_mb"] < 300, r  # parsing 2M tsv rows into objects takes seconds and GBs

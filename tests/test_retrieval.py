@@ -98,3 +98,32 @@ def test_report_tables_and_means():
     assert "| a | — | 0.00 | 10.00 | 5.00 |" in md
     assert "mean P@1 over 6 ordered pairs: 25.00" in md
     assert rep.flat_metrics()["b_to_c/P@1"] == pytest.approx(0.3)
+
+
+def _sharded_metrics(world_args):
+    """On each rank: its every-W-th query (as an eval shard), scored against the whole gallery, gathered."""
+    from dgucdir import dist
+    from dgucdir.retrieval import query_scores
+
+    q, ql, g, gl, topk = world_args
+    mine = torch.arange(dist.rank(), len(q), dist.world_size())
+    return query_scores(q[mine], ql[mine], g, gl, topk, 7, chunk_size=5, q_index=mine).gathered().metrics(topk)
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_query_sharded_metrics_equal_one_process_exactly(world):
+    """Sharded by query over W gloo ranks (uneven shares, chunks of 5, ties in the gallery): the metrics are
+    one process's to the last bit, on every rank."""
+    from distributed import run_distributed
+
+    gen = torch.Generator().manual_seed(3)
+    g = torch.randn(40, 8, generator=gen)
+    g[10:14] = g[3]  # exact ties: broken towards the lower gallery index
+    gl = torch.randint(0, 4, (40,), generator=gen)
+    q = torch.cat([torch.randn(37, 8, generator=gen), g[3:4]])
+    ql = torch.cat([torch.randint(0, 5, (37,), generator=gen), gl[3:4]])  # class 4: no gallery item, not scored
+    topk = [1, 3, 10]
+    expected = retrieval_metrics(q, ql, g, gl, topk, 7)
+    results = run_distributed(_sharded_metrics, world, (q, ql, g, gl, topk))
+    assert all(r == expected for r in results), (results, expected)
+    assert expected[3] == int((ql < 4).sum())

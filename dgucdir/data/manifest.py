@@ -12,6 +12,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from ..errors import DataError
 
 MANIFEST_VERSION = 1
@@ -21,6 +23,18 @@ LABEL_EXT = "lbl"  # int32 little-endian class id (0-based), read by DALI with d
 INDEX_EXT = "idx"  # int32 little-endian index of the sample within its domain
 CLASS_EXT = "cls"  # the class id as text, the webdataset convention for other readers
 PATH_EXT = "txt"  # the source path, for humans and `dgucdir search`
+# The per-domain sample table as fixed-width rows in index order (`<domain>/samples.npy`, beside the
+# human-readable samples.tsv): opened memory-mapped, so a 10M-row table costs no parsing and only the
+# pages a rank reads, shared by the ranks of a node through the page cache.
+TABLE_DTYPE = np.dtype([("label", "<i4"), ("shard", "<i4"), ("offset", "<i8"), ("size", "<i8")])
+
+
+def sample_table(rows: list[tuple[int, int, int, int, int]]) -> np.ndarray:
+    """(index, label, shard position, offset, size) rows -> the table in index order (indices 0..n-1 each once)."""
+    table = np.zeros(len(rows), dtype=TABLE_DTYPE)
+    for index, label, shard, offset, size in rows:
+        table[index] = (label, shard, offset, size)
+    return table
 
 
 @dataclass(frozen=True)
@@ -62,6 +76,22 @@ class Domain:
                 rows.append(SampleRecord(int(index), int(label), root / shard, int(offset), int(size), source))
         rows.sort(key=lambda r: r.index)
         return rows
+
+    @property
+    def table_path(self) -> Path:
+        return self.samples_path.with_suffix(".npy")
+
+    def table(self) -> np.ndarray:
+        """The sample table (:data:`TABLE_DTYPE`, row i = sample i), memory-mapped; a pack without one (an
+        older version's) gets it built from samples.tsv, in memory."""
+        if self.table_path.is_file():
+            table = np.load(self.table_path, mmap_mode="r")
+            if table.dtype != TABLE_DTYPE or len(table) != self.count:
+                raise DataError(f"{self.table_path}: {len(table)} rows of {table.dtype}, expected {self.count} of "
+                                f"{TABLE_DTYPE}: pack the data again")
+            return table
+        position = {s.path.name: i for i, s in enumerate(self.shards)}
+        return sample_table([(r.index, r.label, position[r.shard.name], r.offset, r.size) for r in self.samples()])
 
     def read_image_bytes(self, record: SampleRecord) -> bytes:
         with record.shard.open("rb") as fh:

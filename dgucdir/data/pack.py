@@ -25,13 +25,14 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
 from ..errors import DataError
 from ..file_lock import FolderLock
 from .image_file import MAX_PIXELS, ImageFileError, open_image, read_image_file
-from .manifest import CLASS_EXT, INDEX_EXT, LABEL_EXT, MANIFEST_VERSION, PATH_EXT
+from .manifest import CLASS_EXT, INDEX_EXT, LABEL_EXT, MANIFEST_VERSION, PATH_EXT, sample_table
 
 log = logging.getLogger(__name__)
 
@@ -212,6 +213,7 @@ def write_domain(domain: str, samples: list[Checked], out: Path, shard_bytes: in
     random.Random(f"{PACK_SEED}:{domain}").shuffle(order)
     shards: list[dict] = []
     rows: list[str] = []
+    table_rows: list[tuple[int, int, int, int, int]] = []  # (index, label, shard position, offset, size)
     tar = None
     idx_lines: list[str] = []
     size = 0
@@ -248,11 +250,14 @@ def write_domain(domain: str, samples: list[Checked], out: Path, shard_bytes: in
             parts.append(f"{ext} {offset} {n} {key}.{ext}")
             if ext == chk.ext:
                 rows.append(f"{index}\t{chk.item.label}\t{domain}-{len(shards):06d}.tar\t{offset}\t{n}\t{chk.item.rel}")
+                table_rows.append((index, chk.item.label, len(shards), offset, n))
         idx_lines.append(" ".join(parts))
         size += sum(512 + -(-len(d) // 512) * 512 for _, d in components)
     close()
     rows.sort(key=lambda r: int(r.split("\t", 1)[0]))
     (ddir / ".tmp-samples.tsv").write_text("index\tlabel\tshard\toffset\tsize\tsource\n" + "".join(r + "\n" for r in rows))
+    with open(ddir / ".tmp-samples.npy", "wb") as fh:
+        np.save(fh, sample_table(table_rows))
     n_classes = max((s.item.label for s in samples), default=-1) + 1
     class_counts = [0] * n_classes
     for s in samples:
@@ -271,7 +276,8 @@ def _commit(out: Path, manifest: dict) -> None:
                 keep.add(final)
         samples = out / d["samples"]
         (samples.parent / ".tmp-samples.tsv").replace(samples)
-        keep.add(samples)
+        (samples.parent / ".tmp-samples.npy").replace(samples.with_suffix(".npy"))
+        keep.update([samples, samples.with_suffix(".npy")])
     tmp = out / ".tmp-manifest.json"
     tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     tmp.replace(out / "manifest.json")

@@ -1,8 +1,10 @@
 """Random access to packed samples for DALI's external source: encoded bytes by (domain, index).
 
-One ``pread`` per sample at the offset ``samples.tsv`` records, so a reading order can be any
-permutation of the data set, decided per epoch, at the cost of one seek per sample (the bytes
-are decoded by DALI as before, on the GPU when there is one).
+One ``pread`` per sample at the offset the domain's sample table records, so a reading order can
+be any permutation of the data set, decided per epoch, at the cost of one seek per sample (the
+bytes are decoded by DALI as before, on the GPU when there is one). The tables are memory-mapped
+(:meth:`Domain.table`): opening one costs nothing at any size, and a rank touches only the rows
+it reads.
 """
 
 from __future__ import annotations
@@ -20,16 +22,18 @@ class SampleReader:
     """The encoded image, label and index of any sample of some domains; file handles are opened once."""
 
     def __init__(self, domains: Sequence[Domain]) -> None:
-        self.records = [d.samples() for d in domains]
+        self.tables = [d.table() for d in domains]
+        self.shard_paths = [[s.path for s in d.shards] for d in domains]
         self._files: dict[Path, int] = {}
 
     def read(self, domain: int, index: int) -> tuple[np.ndarray, int]:
         """(encoded bytes as uint8, label) of sample ``index`` of the ``domain``-th domain."""
-        record = self.records[domain][index]
-        fd = self._files.get(record.shard)
+        label, shard, offset, size = self.tables[domain][index].tolist()
+        path = self.shard_paths[domain][shard]
+        fd = self._files.get(path)
         if fd is None:
-            fd = self._files[record.shard] = os.open(record.shard, os.O_RDONLY)
-        return np.frombuffer(os.pread(fd, record.size, record.offset), dtype=np.uint8), record.label
+            fd = self._files[path] = os.open(path, os.O_RDONLY)
+        return np.frombuffer(os.pread(fd, size, offset), dtype=np.uint8), label
 
     def close(self) -> None:
         for fd in self._files.values():
