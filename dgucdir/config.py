@@ -66,6 +66,9 @@ class ModelConfig:
     # BatchNorm statistics: paper = over the whole global batch (the original's one GPU), queries
     # and keys alike; shuffle = MoCo's shuffle-BN for the keys; local = each rank its own batch
     bn: Literal["paper", "shuffle", "local"] = "paper"
+    # with bn=paper: how many consecutive ranks share BatchNorm statistics; null = all of them (the
+    # paper's semantics); e.g. 8 = per node of 8 GPUs (fewer ranks per all-reduce, a smaller batch)
+    bn_group: int | None = None
 
 
 @dataclass

@@ -21,6 +21,7 @@ HELP: dict[str, str] = {
     "augment.partner_bank_size": "raw images in a rank's partner bank, split over the training domains",
     "model.arch": "backbone: resnet50 (paper), resnet18, resnet_narrow (CPU demo)",
     "model.proj_dim": "output size of the MLP head",
+    "model.bn_group": "with model.bn=paper: ranks that share BatchNorm statistics (null: all, the paper's; 8: per node of 8)",
     "model.bn": "BatchNorm statistics: paper (the whole global batch, as the original's one GPU), shuffle (MoCo shuffle-BN for keys), local (per rank)",
     "model.momentum": "key encoder momentum m",
     "model.moco_init": "MoCo v2 weights to start from; none: random; required: refuse to start without",

@@ -86,6 +86,21 @@ def broadcast_object(obj: object, src: int = 0) -> object:
     return box[0]
 
 
+def batchnorm_group(size: int | None):
+    """A process group of its own for BatchNorm statistics: all ranks (``size`` None), or this rank's block of
+    ``size`` consecutive ranks (e.g. its node's). Collective: every rank calls it, in the same order."""
+    if not is_distributed():
+        return None
+    world = world_size()
+    size = size or world
+    mine = None
+    for start in range(0, world, size):  # new_group must be called by every rank for every group
+        group = dist.new_group(list(range(start, start + size)))
+        if start <= rank() < start + size:
+            mine = group
+    return mine
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()

@@ -59,6 +59,9 @@ def check_before_launch(cfg: Config, world: int, weights_must_exist: bool = True
 
 def check_world_split(cfg: Config, world: int) -> int:
     """The checks that need only the world size (also made by `dgucdir submit` before a job queues)."""
+    group = cfg.model.bn_group
+    if group is not None and (group < 1 or world % group):
+        raise ConfigError(f"model.bn_group={group} must divide the world size {world} (null: all ranks)")
     n_domains = len(cfg.data.train_domains)
     batch = cfg.train.batch_size
     if batch % (n_domains * world):

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs
+from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 from tqdm import tqdm
 
 from . import dist
@@ -141,8 +141,11 @@ class Trainer:
         """
         self.cfg = cfg
         timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.collective_timeout_s))
+        # BatchNorm over the global batch keeps every rank's BN buffers equal (a rank 0 broadcast before each
+        # evaluation covers BN groups): DDP's broadcast of them at every step would be pure traffic
+        ddp = DistributedDataParallelKwargs(broadcast_buffers=cfg.model.bn != "paper")
         self.accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not torch.cuda.is_available(),
-                                       kwargs_handlers=[timeout])
+                                       kwargs_handlers=[timeout, ddp])
         self.rank, self.world = dist.rank(), dist.world_size()
         setup_logging(self.rank)
         self.numerics = apply_numerics(cfg.train.tf32, cfg.train.deterministic)

@@ -9,13 +9,13 @@ from distributed import run_distributed
 B, SIZE = 8, 64
 
 
-def _model(rank_batch=B, bn="paper", **loss):
+def _model(rank_batch=B, bn="paper", bn_group=None, **loss):
     from dgucdir.config import LossConfig, ModelConfig
     from dgucdir.model.dgucdir import DGUCDIR
 
     torch.manual_seed(0)
-    return DGUCDIR(ModelConfig(arch="resnet_narrow", momentum=0.9, bn=bn), LossConfig(queue_size=32, **loss), 2,
-                   rank_batch, torch.device("cpu"))
+    return DGUCDIR(ModelConfig(arch="resnet_narrow", momentum=0.9, bn=bn, bn_group=bn_group),
+                   LossConfig(queue_size=32, **loss), 2, rank_batch, torch.device("cpu"))
 
 
 def _batch(seed, n=B):
@@ -267,10 +267,10 @@ def _train(model, batches, ddp=False):
     return losses, torch.cat([p.detach().flatten() for p in model.encoder_q.parameters()])
 
 
-def _two_rank_training(bn):
+def _two_rank_training(bn, bn_group=None):
     from dgucdir import dist
 
-    model = _model(rank_batch=GLOBAL // 2, bn=bn)
+    model = _model(rank_batch=GLOBAL // 2, bn=bn, bn_group=bn_group)
     queues = (model.rgb_queue.keys.clone(), model.phase_queue.keys.clone())
     rows = torch.arange(8) + 8 * dist.rank()
     losses, weights = _train(model, [_rows(_global_batch(s), rows) for s in range(STEPS)], ddp=True)
@@ -318,3 +318,15 @@ def test_cluster_logits_are_float32_under_bf16_autocast(monkeypatch):
     logits, = (t for t in seen if t.shape == (2 * B, 3))
     assert logits.dtype == torch.float32
     torch.testing.assert_close(logits, pooled.float() @ centroids.T, rtol=0, atol=1e-6)
+
+
+def test_batchnorm_groups_one_group_of_all_ranks_is_global_and_groups_of_one_are_per_rank():
+    """model.bn_group: a group of both ranks (one "node") trains exactly as global BatchNorm; groups of one
+    rank normalise per rank, as model.bn=local does (to rounding: another implementation)."""
+    (g0, gw0, _), (g1, _, _) = run_distributed(_two_rank_training, 2, "paper", 2)
+    (p0, pw0, _), (p1, _, _) = run_distributed(_two_rank_training, 2, "paper", None)
+    assert g0 + g1 == p0 + p1 and torch.equal(gw0, pw0)
+    (o0, _, _), (o1, _, _) = run_distributed(_two_rank_training, 2, "paper", 1)
+    (l0, _, _), (l1, _, _) = run_distributed(_two_rank_training, 2, "local", None)
+    torch.testing.assert_close(torch.tensor(o0 + o1), torch.tensor(l0 + l1), rtol=0, atol=1e-4)
+    assert (torch.tensor(o0 + o1) - torch.tensor(p0 + p1)).abs().max() > 1e-3

@@ -23,10 +23,11 @@ from torch import nn
 SUMS_SLICE_BYTES = 64 * 2**20  # float64 working memory of one slice of the batch in the channel sums
 
 
-def _all_reduce(x: torch.Tensor) -> torch.Tensor:
-    """Sum over the process group (any size, one rank included, so a one-rank NCCL group runs it too)."""
+def _all_reduce(x: torch.Tensor, group=None) -> torch.Tensor:
+    """Sum over ``group`` (default: the world; any size, one rank included, so a one-rank NCCL group runs
+    it too)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(x)
+        torch.distributed.all_reduce(x, group=group)
     return x
 
 
@@ -60,7 +61,7 @@ class _GlobalBatchNorm(torch.autograd.Function):
                 bn: "GlobalBatchNorm2d") -> torch.Tensor:  # noqa: D401
         local_n = x.shape[0] * x.shape[2] * x.shape[3]
         sums = _channel_sums(x)
-        stats = _all_reduce(torch.cat([sums.flatten(), sums.new_tensor([float(local_n)])]))
+        stats = _all_reduce(torch.cat([sums.flatten(), sums.new_tensor([float(local_n)])]), bn.group)
         c = x.shape[1]
         n = stats[-1]
         mean = stats[:c] / n
@@ -77,6 +78,7 @@ class _GlobalBatchNorm(torch.autograd.Function):
             y += bias[None, :, None, None]
         ctx.save_for_backward(x, weight, mean, invstd)
         ctx.global_n = float(n)
+        ctx.group = bn.group
         return y.to(x.dtype)
 
     @staticmethod
@@ -84,7 +86,7 @@ class _GlobalBatchNorm(torch.autograd.Function):
         x, weight, mean, invstd = ctx.saved_tensors
         xmu = x.to(mean.dtype) - mean[None, :, None, None]
         local = _channel_sums(dy, xmu)  # [sum(dy), sum(dy * xmu)] of this rank
-        sum_dy, sum_dy_xmu = (_all_reduce(local.clone()) / ctx.global_n).to(invstd.dtype)
+        sum_dy, sum_dy_xmu = (_all_reduce(local.clone(), ctx.group) / ctx.global_n).to(invstd.dtype)
         scale = invstd * weight if weight is not None else invstd
         dx = None
         if ctx.needs_input_grad[0]:
@@ -100,7 +102,12 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
 
     The global path runs in training whenever a process group exists, one rank included (a
     one-rank group is how the device check runs it over NCCL); otherwise this is BatchNorm2d.
+    ``group`` (:func:`set_batchnorm_group`) is the process group whose ranks share the statistics:
+    its own group, so that with NCCL its many small all-reduces do not queue behind DDP's gradient
+    buckets on one communicator; None is the default group (all ranks).
     """
+
+    group = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         in_group = torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -119,6 +126,14 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
         self.running_mean.mul_(1 - m).add_(mean.to(self.running_mean.dtype), alpha=m)
         unbiased = var * n / (n - 1).clamp_min(1)
         self.running_var.mul_(1 - m).add_(unbiased.to(self.running_var.dtype), alpha=m)
+
+
+def set_batchnorm_group(module: nn.Module, group) -> nn.Module:
+    """Makes every GlobalBatchNorm2d of ``module`` share its statistics within ``group``."""
+    for m in module.modules():
+        if isinstance(m, GlobalBatchNorm2d):
+            m.group = group
+    return module
 
 
 def to_global_batchnorm(module: nn.Module) -> nn.Module:

@@ -19,7 +19,7 @@ from ..cluster import ClusterTargets
 from ..config import LossConfig, ModelConfig
 from ..data.batches import Batch
 from ..seeding import derive_seed
-from .batchnorm import to_global_batchnorm
+from .batchnorm import set_batchnorm_group, to_global_batchnorm
 from .encoder import Encoder
 from .queue import ShardedQueue, sample_ids
 
@@ -36,6 +36,10 @@ class DGUCDIR(nn.Module):
         self.encoder_k = copy.deepcopy(self.encoder_q)
         for p in self.encoder_k.parameters():
             p.requires_grad_(False)
+        if model_cfg.bn == "paper" and dist.world_size() > 1:  # after the copy: a process group is not copied
+            group = dist.batchnorm_group(model_cfg.bn_group)
+            set_batchnorm_group(self.encoder_q, group)
+            set_batchnorm_group(self.encoder_k, group)
         self.n_domains = n_domains
         self.seed = seed
         queue_domains = 1 if loss_cfg.shared_queue else n_domains
