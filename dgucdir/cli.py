@@ -252,6 +252,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if dist.rank() == 0:
             print(json.dumps({"bench": "train", **result}, indent=1))
         return 0
+    if args.what == "comm":
+        from . import dist
+        from .bench_comm import bench_comm
+        from .demo import ensure_demo_data
+
+        ensure_demo_data(load_config(args.config, args.overrides), launched_world_size())
+        result = bench_comm(args.config, args.overrides, args.steps)
+        if dist.rank() == 0:
+            print(json.dumps({"bench": "comm", **result}, indent=1))
+        return 0
     if args.what == "bn":
         import torch
 
@@ -440,10 +450,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "works. train: samples/s, data-wait fraction and MFU of real training steps in the world it "
                        "is launched in, e.g. `torchrun --nproc_per_node 2 -m dgucdir bench train`. bn: GlobalBatchNorm2d "
                        "(one-rank group) against BatchNorm2d on --arch: differences, time, memory kept for backward. "
-                       "eval under torchrun: sharded by query, each rank's time. table: a sample table of --sizes rows "
+                       "eval under torchrun: sharded by query, each rank's time. comm (under torchrun): every "
+                       "collective of a training step counted, and projected to 8/64/512 GPUs. table: a sample table of --sizes rows "
                        "opened memory-mapped: seconds and resident memory. photos: writes and packs photo-sized JPEGs (four domains) for the loader and train "
                        "benchmarks at 224 px.")
-    p.add_argument("what", choices=["aug", "loader", "eval", "train", "bn", "table", "photos"])
+    p.add_argument("what", choices=["aug", "loader", "eval", "train", "comm", "bn", "table", "photos"])
     p.add_argument("--arch", default="resnet50", help="bn: the backbone (default resnet50)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bn: autocast dtype (default fp32)")
     p.add_argument("--config", default="configs/demo.yaml", help="train: the config to train (default: the demo)")

@@ -32,24 +32,52 @@ def all_gather(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
-class _AllGatherWithGrad(torch.autograd.Function):
-    """all_gather whose backward sums every rank's gradient for this rank's slice.
+def reduce_scatter(x: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """``x`` (W*n, ...) reduced over ranks (sum or max); this rank gets its block of n rows, no autograd.
 
-    The backward is an all-reduce plus a slice rather than a reduce-scatter, because gloo has
-    no reduce-scatter; the result is the same.
+    One collective: NCCL's reduce-scatter, or on gloo (which has none) an all-reduce and a slice.
     """
+    if not is_distributed():
+        return x
+    n = x.shape[0] // world_size()
+    reduce_op = dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX
+    x = x.contiguous()
+    if dist.get_backend() == "nccl":
+        out = torch.empty((n, *x.shape[1:]), dtype=x.dtype, device=x.device)
+        dist.reduce_scatter_tensor(out, x, op=reduce_op)
+        return out
+    x = x.clone()
+    dist.all_reduce(x, op=reduce_op)
+    return x[rank() * n : (rank() + 1) * n]
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums every rank's gradient for this rank's slice (a reduce-scatter)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # noqa: D401
-        ctx.n = x.shape[0]
         return all_gather(x)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous()
-        dist.all_reduce(grad)
-        r = rank()
-        return grad[r * ctx.n : (r + 1) * ctx.n]
+        return reduce_scatter(grad)
+
+
+class _ReduceScatterWithGrad(torch.autograd.Function):
+    """Sum over ranks of (W*n, ...) rows, this rank's n of them; the backward gathers the gradients."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # noqa: D401
+        return reduce_scatter(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return all_gather(grad.contiguous())
+
+
+def reduce_scatter_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Differentiable :func:`reduce_scatter` (sum); identity with one process."""
+    return _ReduceScatterWithGrad.apply(x) if is_distributed() else x
 
 
 def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 import copy
 
+import pytest
 import torch
 
 from distributed import run_distributed
@@ -330,3 +331,30 @@ def test_batchnorm_groups_one_group_of_all_ranks_is_global_and_groups_of_one_are
     (l0, _, _), (l1, _, _) = run_distributed(_two_rank_training, 2, "local", None)
     torch.testing.assert_close(torch.tensor(o0 + o1), torch.tensor(l0 + l1), rtol=0, atol=1e-4)
     assert (torch.tensor(o0 + o1) - torch.tensor(p0 + p1)).abs().max() > 1e-3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 4])
+def test_collectives_per_step_match_the_documented_formula(tmp_path, demo_manifest, world):
+    """`dgucdir bench comm` at W=2 and W=4 on gloo: 6 InfoNCE collectives a step (against 28 before), and 3
+    per BatchNorm layer on the BN group, whatever W."""
+    import json
+    import subprocess
+    import sys
+
+    from helpers import REPO, free_port
+
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world),
+                          "--master_port", str(free_port()), "-m", "dgucdir", "bench", "comm",
+                          f"data.manifest={demo_manifest}", "train.batch_size=32", "loss.queue_size=64",
+                          "data.image_size=32", "augment.hpf_range=7", "data.num_threads=1",
+                          "--config", "configs/demo.yaml", "--steps", "2"],
+                         cwd=REPO, capture_output=True, text=True, timeout=600,
+                         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    r = json.loads(res.stdout)
+    assert r["world_size"] == world and r["infonce_per_step"] == 6 and r["bn_per_step"] == 3 * r["bn_layers"] == 36
+    # all-gathered per rank and step: its B = 32 / W rows of both query sets (2 x 128 fp32), ids and domains
+    # (2 int64), and in backward the gradient of its 4 negative sums (the demo's cross_negatives=positive
+    # pairs each query set with both queues): bytes in B, so the total gathered grows as W x B, not W^2
+    assert r["bytes_per_step"]["all_gather"] == 32 // world * (2 * 128 * 4 + 2 * 8 + 4 * 4)

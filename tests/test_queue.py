@@ -1,5 +1,6 @@
 """ShardedQueue: 2 gloo ranks against a single-process, unsharded reference written here."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -8,19 +9,19 @@ from distributed import run_distributed
 DIM, K, B_PER_DOMAIN, N_DOM, WORLD, T = 16, 24, 3, 2, 2, 0.2
 
 
-def _data(step: int):
+def _data(step: int, world: int = WORLD):
     """Global keys/queries of one step: (world, n_dom * B_PER_DOMAIN, ...) tensors, seeded."""
     g = torch.Generator().manual_seed(100 + step)
     n = N_DOM * B_PER_DOMAIN
-    keys = F.normalize(torch.randn(WORLD, n, DIM, generator=g), dim=2)
-    queries = F.normalize(torch.randn(WORLD, n, DIM, generator=g), dim=2)
-    domain = torch.arange(N_DOM).repeat_interleave(B_PER_DOMAIN).repeat(WORLD, 1)
+    keys = F.normalize(torch.randn(world, n, DIM, generator=g), dim=2)
+    queries = F.normalize(torch.randn(world, n, DIM, generator=g), dim=2)
+    domain = torch.arange(N_DOM).repeat_interleave(B_PER_DOMAIN).repeat(world, 1)
     # indices cycle through a small range so that the query's own sample recurs in the queue
-    index = (torch.arange(WORLD * n).view(WORLD, n) + 5 * step) % 9
+    index = (torch.arange(world * n).view(world, n) + 5 * step) % 9
     return keys, queries, domain, index
 
 
-def reference(steps: int):
+def reference(steps: int, world: int = WORLD):
     """Unsharded: one queue of K per domain, every rank's keys enqueued in rank order; per-rank
     losses with their gradients with respect to each rank's queries."""
     from dgucdir.model.queue import sample_ids
@@ -28,11 +29,11 @@ def reference(steps: int):
     queue = {d: [] for d in range(N_DOM)}  # list of (key, id), oldest first, at most K
     results = []
     for step in range(steps):
-        keys, queries, domain, index = _data(step)
+        keys, queries, domain, index = _data(step, world)
         q = queries.clone().requires_grad_()
         total = 0
         losses = []
-        for r in range(WORLD):
+        for r in range(world):
             rank_losses = []
             for i in range(q.shape[1]):
                 d = int(domain[r, i])
@@ -44,7 +45,7 @@ def reference(steps: int):
             total = total + losses[-1]
         total.backward()
         results.append(([float(x.detach()) for x in losses], q.grad.clone()))
-        for r in range(WORLD):
+        for r in range(world):
             for i in range(keys.shape[1]):
                 d = int(domain[r, i])
                 queue[d].append((keys[r, i], int(sample_ids(domain[r, i : i + 1], index[r, i : i + 1]))))
@@ -52,7 +53,7 @@ def reference(steps: int):
     return results
 
 
-def sharded(steps: int):
+def sharded(steps: int, world: int = WORLD):
     from dgucdir import dist
     from dgucdir.model.queue import ShardedQueue, sample_ids
 
@@ -60,7 +61,7 @@ def sharded(steps: int):
     queue = ShardedQueue(N_DOM, K, DIM, B_PER_DOMAIN, torch.device("cpu"))
     out = []
     for step in range(steps):
-        keys, queries, domain, index = _data(step)
+        keys, queries, domain, index = _data(step, world)
         q = queries[r].clone().requires_grad_()
         ids = sample_ids(domain[r], index[r])
         res = queue.infonce(q, keys[r], domain[r], ids, T)
@@ -70,23 +71,24 @@ def sharded(steps: int):
     return out, queue.memory_bytes()
 
 
-def test_sharded_loss_and_gradients_equal_unsharded_reference():
-    # Start both after the queue is full (K / (WORLD * B_PER_DOMAIN) = 4 steps), so that the
-    # initial content does not matter, and run through two wrap-arounds of the pointer.
+@pytest.mark.parametrize("world", [WORLD, 4])
+def test_sharded_loss_and_gradients_equal_unsharded_reference(world):
+    # Start both after the queue is full (K / (world * B_PER_DOMAIN) steps), so that the
+    # initial content does not matter, and run through wrap-arounds of the pointer.
     steps = 14
-    ref = reference(steps)
-    got = run_distributed(sharded, WORLD, steps)
-    warm = K // (WORLD * B_PER_DOMAIN)
+    ref = reference(steps, world)
+    got = run_distributed(sharded, world, steps, world)
+    warm = K // (world * B_PER_DOMAIN)
     for step in range(warm, steps):
-        for r in range(WORLD):
+        for r in range(world):
             loss, grad, _ = got[r][0][step]
             assert abs(loss - ref[step][0][r]) <= 1e-5 * abs(ref[step][0][r])
             torch.testing.assert_close(grad, ref[step][1][r], rtol=1e-5, atol=1e-7)
-    # masking happened: some query's own sample id was in the queue at some step
-    ptrs = [p for _, _, p in got[0][0]]
-    assert ptrs[:5] == [0, 3, 6, 9, 0]  # per-rank shard of K/W = 12, wrapping every 4 steps
-    # queue memory: keys (2 domains x 12 x 16 fp32) + ids (2 x 12 int64) per rank
-    assert got[0][1] == 2 * 12 * 16 * 4 + 2 * 12 * 8
+    if world == WORLD:
+        ptrs = [p for _, _, p in got[0][0]]
+        assert ptrs[:5] == [0, 3, 6, 9, 0]  # per-rank shard of K/W = 12, wrapping every 4 steps
+        # queue memory: keys (2 domains x 12 x 16 fp32) + ids (2 x 12 int64) per rank
+        assert got[0][1] == 2 * 12 * 16 * 4 + 2 * 12 * 8
 
 
 def test_own_sample_is_masked():

@@ -21,7 +21,7 @@ from ..data.batches import Batch
 from ..seeding import derive_seed
 from .batchnorm import set_batchnorm_group, to_global_batchnorm
 from .encoder import Encoder
-from .queue import ShardedQueue, sample_ids
+from .queue import ShardedQueue, infonce_terms, sample_ids
 
 
 class DGUCDIR(nn.Module):
@@ -127,11 +127,12 @@ class DGUCDIR(nn.Module):
         if cfg.batch_negatives:
             self._enqueue(k_rgb, k_phase, ids, queue_domain)
         total = q.new_zeros((), dtype=torch.float32)
-        for name, (query, key, queue, weight) in terms.items():
-            res = queue.infonce(query, key, queue_domain, ids, T)
-            out[f"loss_{name}"] = res.loss
-            out[f"acc_{name}"] = res.accuracy
-            total = total + weight * res.loss
+        results = infonce_terms({name: (query, key, queue) for name, (query, key, queue, _) in terms.items()},
+                                queue_domain, ids, T)
+        for name, (_, _, _, weight) in terms.items():
+            out[f"loss_{name}"] = results[name].loss
+            out[f"acc_{name}"] = results[name].accuracy
+            total = total + weight * results[name].loss
         if clusters is not None and cfg.cluster:
             targets = clusters.assignments.repeat(pooled.shape[0] // B)
             with torch.autocast(pooled.device.type, enabled=False):  # fp32 under bf16 training too

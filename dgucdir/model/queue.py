@@ -2,10 +2,17 @@
 
 Each rank keeps only the keys it produced: K/W entries per domain instead of K, and no
 all-gather of keys on enqueue. The union of the shards holds exactly the keys an unsharded
-queue of K would hold, and the InfoNCE softmax over them stays exact: queries are
-all-gathered (with autograd), each rank computes the log-sum-exp of every query's logits
-against its own shard, and the per-rank log-sum-exps are combined for each query on its
-owner rank. Loss and gradients equal the unsharded computation.
+queue of K would hold, and the InfoNCE softmax over them stays exact.
+
+Communication per training step, whatever the number of loss terms (:func:`infonce_terms`):
+the queries of every term are all-gathered once (with autograd), as are their sample ids and
+domains; each rank sums exp(logit - 1/T) of every gathered query over its own shard, and one
+reduce-scatter gives each rank the totals of its own queries. The shift 1/T is the largest logit
+possible (queries and keys are unit vectors), so no per-row maximum has to be agreed first and
+no exponent overflows; the terms that share a query set and a queue (the two terms of each query
+modality, by default) share one sum. A second reduce-scatter (max) gives the accuracy. So 4
+collectives forward and 2 backward, where a per-term, per-rank log-sum-exp needs 28 at W ranks,
+and their bytes grow as W, not W squared. Loss and gradients equal the unsharded computation.
 
 The queue is plain tensors, deliberately not module buffers: DDP would otherwise broadcast
 rank 0's shard over every other rank's at each step.
@@ -68,23 +75,13 @@ class ShardedQueue:
             self.ids[d, p : p + n] = ids[sel]
             self.ptr[d] = (p + n) % self.shard_size
 
-    @torch.autocast("cuda", enabled=False)
-    @torch.autocast("cpu", enabled=False)
-    def infonce(self, q: torch.Tensor, k_pos: torch.Tensor, domain: torch.Tensor, ids: torch.Tensor,
-                temperature: float) -> ContrastiveResult:
-        """Mean InfoNCE of this rank's queries over [positive, all K negatives of their domain].
-
-        Negatives with the query's own sample id are masked out. ``domain`` selects the queue
-        (all zeros for a shared queue). Always fp32, also under bf16 autocast: logits divided by a
-        temperature of 0.2 and a log-sum-exp over thousands of negatives need the mantissa.
-        """
-        q = q.float()
-        l_pos = (q * k_pos.float().detach()).sum(1) / temperature
-        q_all = dist.all_gather_with_grad(q)
-        dom_all = dist.all_gather(domain)
-        ids_all = dist.all_gather(ids)
-        lse_local = torch.full((q_all.shape[0],), MASKED_LOGIT, device=q.device)
-        max_local = torch.full((q_all.shape[0],), MASKED_LOGIT, device=q.device)
+    def negative_sums(self, q_all: torch.Tensor, dom_all: torch.Tensor, ids_all: torch.Tensor,
+                      temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """For every gathered query, over this rank's shard of its domain's queue, the query's own sample
+        masked: (sum of exp(logit - 1/T), differentiable; the largest logit, for the accuracy)."""
+        shift = 1.0 / temperature  # the largest possible logit of unit vectors
+        sums = q_all.new_zeros(q_all.shape[0])
+        best = torch.full((q_all.shape[0],), MASKED_LOGIT, device=q_all.device)
         for d in range(self.n_domains):
             rows = (dom_all == d).nonzero().squeeze(1)
             if rows.numel() == 0:
@@ -92,13 +89,14 @@ class ShardedQueue:
             # a copy: the enqueue after this step writes the shard in place before backward runs
             logits = q_all[rows] @ self.keys[d].float().clone().T / temperature
             logits = logits.masked_fill(ids_all[rows, None] == self.ids[d][None, :], MASKED_LOGIT)
-            lse_local = lse_local.index_put((rows,), torch.logsumexp(logits, dim=1))
-            max_local[rows] = logits.detach().max(dim=1).values
-        n, r = q.shape[0], dist.rank()
-        lse_ranks = dist.all_gather_with_grad(lse_local[None])[:, r * n : (r + 1) * n]  # (W, n)
-        max_neg = dist.all_gather(max_local[None])[:, r * n : (r + 1) * n].max(dim=0).values
-        lse = torch.logsumexp(torch.cat([l_pos[None], lse_ranks]), dim=0)
-        return ContrastiveResult((lse - l_pos).mean(), (l_pos.detach() > max_neg).float().mean())
+            sums = sums.index_put((rows,), torch.exp(logits - shift).sum(1))
+            best[rows] = logits.detach().max(dim=1).values
+        return sums, best
+
+    def infonce(self, q: torch.Tensor, k_pos: torch.Tensor, domain: torch.Tensor, ids: torch.Tensor,
+                temperature: float) -> ContrastiveResult:
+        """Mean InfoNCE of this rank's queries over [positive, all K negatives of their domain] (one term)."""
+        return infonce_terms({"term": (q, k_pos, self)}, domain, ids, temperature)["term"]
 
     def state_dict(self) -> dict:
         return {"keys": self.keys.cpu(), "ids": self.ids.cpu(), "ptr": self.ptr.clone()}
@@ -110,3 +108,42 @@ class ShardedQueue:
         self.keys.copy_(state["keys"])
         self.ids.copy_(state["ids"])
         self.ptr.copy_(state["ptr"])
+
+
+@torch.autocast("cuda", enabled=False)
+@torch.autocast("cpu", enabled=False)
+def infonce_terms(terms: dict[str, tuple[torch.Tensor, torch.Tensor, ShardedQueue]], domain: torch.Tensor,
+                  ids: torch.Tensor, temperature: float) -> dict[str, ContrastiveResult]:
+    """InfoNCE of every term (name -> (queries, positive keys, queue)) of this rank's batch, with the
+    communication of one: see the module docstring.
+
+    Negatives with the query's own sample id are masked out. ``domain`` selects each query's queue
+    (all zeros for a shared queue). Always fp32, also under bf16 autocast: logits divided by a
+    temperature of 0.2 and sums over thousands of negatives need the mantissa.
+    """
+    queries: list[torch.Tensor] = []  # distinct query tensors, gathered together
+    for q, _, _ in terms.values():
+        if not any(q is seen for seen in queries):
+            queries.append(q)
+    n = queries[0].shape[0]
+    meta_all = dist.all_gather(torch.stack([domain.long(), ids.long()], 1))
+    q_all = dist.all_gather_with_grad(torch.cat([q.float() for q in queries], 1))  # (W*n, m*dim)
+    dim = queries[0].shape[1]
+    pairs: list[tuple[int, ShardedQueue]] = []  # distinct (query set, queue): one negative sum each
+    for q, _, queue in terms.values():
+        key = (next(i for i, seen in enumerate(queries) if q is seen), queue)
+        if not any(key[0] == i and key[1] is qu for i, qu in pairs):
+            pairs.append(key)
+    sums, best = zip(*(queue.negative_sums(q_all[:, i * dim:(i + 1) * dim], meta_all[:, 0], meta_all[:, 1],
+                                           temperature) for i, queue in pairs))
+    own_sums = dist.reduce_scatter_with_grad(torch.stack(sums, 1))  # (n, pairs): this rank's queries, every shard
+    own_best = dist.reduce_scatter(torch.stack(best, 1), op="max")
+    shift = 1.0 / temperature
+    out = {}
+    for name, (q, k_pos, queue) in terms.items():
+        p = next(j for j, (i, qu) in enumerate(pairs) if queries[i] is q and qu is queue)
+        l_pos = (q.float() * k_pos.float().detach()).sum(1) / temperature
+        lse = torch.log(torch.exp(l_pos - shift) + own_sums[:, p]) + shift
+        out[name] = ContrastiveResult((lse - l_pos).mean(), (l_pos.detach() > own_best[:, p]).float().mean())
+    assert all(t.shape[0] == n for t in queries)
+    return out
