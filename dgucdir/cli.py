@@ -21,8 +21,9 @@ log = logging.getLogger("dgucdir")
 EPILOG = """examples:
   dgucdir demo                                   # build the digits demo, train, evaluate (CPU, minutes)
   dgucdir pack --tree PACS/ --out data/pacs      # root/<domain>/<class>/<image> -> shards
-  dgucdir train configs/pacs.yaml train.epochs=5 data.train_domains=[photo,sketch]
-  accelerate launch --multi_gpu --num_processes 8 -m dgucdir train configs/pacs.yaml
+  dgucdir train configs/pacs.yaml model.moco_init=moco_v2_800ep_pretrain.pth.tar train.epochs=5
+  dgucdir train configs/pacs.yaml model.moco_init=moco_v2_800ep_pretrain.pth.tar data.train_domains=[photo,art_painting] data.eval_domains=[cartoon,sketch]
+  accelerate launch --config_file launch/accelerate/1node_8gpu.yaml -m dgucdir train configs/pacs.yaml model.moco_init=moco_v2_800ep_pretrain.pth.tar
   dgucdir eval runs/pacs/checkpoints/ckpt-000001000 --domains cartoon sketch
   dgucdir search runs/demo/checkpoints/ckpt-000000900 --gallery sketch --query my_digit.png
 """

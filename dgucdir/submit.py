@@ -14,9 +14,9 @@ Preemption and time limits:
   (a DelayedSubmission of the same job) and requeues it.
 
 Examples:
-  python -m launch.slurm configs/pacs.yaml --nodes 2 --gpus-per-node 8 --partition gpu --time 1440
-  python -m launch.slurm configs/pacs.yaml --dry-run --nodes 2 --gpus-per-node 8
-  python -m launch.slurm configs/pacs.yaml --sweep "data.train_domains=[photo,sketch];[cartoon,art_painting]"
+  python -m launch.slurm configs/pacs.yaml model.moco_init=moco_v2_800ep_pretrain.pth.tar --nodes 2 --gpus-per-node 8 --partition gpu --time 1440
+  python -m launch.slurm configs/pacs.yaml model.moco_init=moco_v2_800ep_pretrain.pth.tar --dry-run --nodes 2 --gpus-per-node 8
+  python -m launch.slurm configs/pacs.yaml model.moco_init=moco_v2_800ep_pretrain.pth.tar --domain-pairs --sweep "train.seed=0;1;2"
 """
 
 from __future__ import annotations

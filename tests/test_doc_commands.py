@@ -155,3 +155,17 @@ def test_the_docs_show_the_commands_users_run_first():
                    "accelerate launch --config_file launch/accelerate/1node_8gpu.yaml", "dgucdir submit",
                    "scripts/device_check.py"):
         assert needed in shown, needed
+
+
+def _help_examples() -> list[str]:
+    from dgucdir import cli, submit
+
+    lines = [line.strip() for text in (cli.EPILOG, submit.__doc__) for line in text.splitlines()]
+    examples = [re.sub(r"\s+#.*$", "", line) for line in lines
+                if line.startswith(("dgucdir ", "accelerate launch ", "python -m launch.slurm "))]
+    return [e.replace("python -m launch.slurm", "dgucdir submit") for e in examples]
+
+
+@pytest.mark.parametrize("command", _help_examples())
+def test_the_examples_of_the_help_work(command):
+    check(command)
