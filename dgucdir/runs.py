@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import statistics
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import UserError
@@ -40,6 +40,7 @@ class RunResult:
 class RunsTable:
     metric: str
     runs: list[RunResult]
+    unfinished: list[str] = field(default_factory=list)  # "name (status)" of evaluated runs left out
 
     def columns(self) -> list[str]:
         pairs = sorted({p for r in self.runs for p in r.pairs if p != "mean"})
@@ -69,6 +70,9 @@ class RunsTable:
             n = max(c[2] for c in cells.values())
             rows.append(f"| {split} | " + " | ".join(f"{cells[c][0]:.2f} ± {cells[c][1]:.2f}" if c in cells else "—"
                                                     for c in cols) + f" | {n} |")
+        if self.unfinished:
+            rows.append(f"\nLeft out, not finished (their last evaluation is not their final one): "
+                        f"{', '.join(self.unfinished)}")
         return "\n".join(rows) + "\n"
 
     def to_json(self) -> str:
@@ -114,10 +118,13 @@ def collect(uri: str, metric: str, experiment: str | None = None, sweep: str | N
     else:
         experiment_ids = [e.experiment_id for e in client.search_experiments()]
     query = f"tags.`dgucdir.sweep` = '{sweep}'" if sweep else ""
-    results = []
+    results, unfinished = [], []
     for run in client.search_runs(experiment_ids, filter_string=query, max_results=10000):
         tags, metrics = run.data.tags, run.data.metrics
         if tags.get(PARENT_TAG) == "true" or metric_key("mean", metric) not in metrics:
+            continue
+        if run.info.status != "FINISHED":  # running, stopped or failed: its last value is an earlier epoch's
+            unfinished.append(f"{run.info.run_name} ({run.info.status})")
             continue
         pairs = {k.split("/")[1]: v for k, v in metrics.items()
                  if k.startswith("eval/") and k.endswith("/" + metric.replace("@", "_at_"))}
@@ -129,8 +136,9 @@ def collect(uri: str, metric: str, experiment: str | None = None, sweep: str | N
                                  sorted(curve)))
     if not results:
         where = f"sweep {sweep!r}" if sweep else f"experiment {experiment!r}" if experiment else "any experiment"
-        raise UserError(f"no evaluated runs in {where} of {uri}")
-    return RunsTable(metric, sorted(results, key=lambda r: (r.split, r.seed, r.name)))
+        left = f" ({len(unfinished)} evaluated but not finished: {', '.join(sorted(unfinished))})" if unfinished else ""
+        raise UserError(f"no finished, evaluated runs in {where} of {uri}{left}")
+    return RunsTable(metric, sorted(results, key=lambda r: (r.split, r.seed, r.name)), sorted(unfinished))
 
 
 def parent_run(uri: str, sweep: str) -> str | None:

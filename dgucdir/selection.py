@@ -82,13 +82,14 @@ def choose(points: list[list[str]], seeds: list[int], score: Callable[[list[str]
 
 def training_domain_score(run_dir: Path, train_domains: list[str], metric: str) -> float:
     """Retrieval between the training domains of a run's last checkpoint: the mean of ``metric`` over
-    their ordered pairs, in percent (evaluated once, then read back)."""
-    out = run_dir / "select_eval"
-    report = out / "retrieval.json"
+    their ordered pairs, in percent (evaluated once per checkpoint, then read back: the report is kept
+    under the checkpoint's name, so a run trained further is scored again)."""
+    checkpoints = list_checkpoints(run_dir / "checkpoints")
+    if not checkpoints:
+        raise RuntimeError(f"{run_dir}: no checkpoint to score")
+    out = run_dir / "select_eval" / checkpoints[-1].name
+    report = out / "retrieval.json"  # written atomically: present means complete
     if not report.is_file():
-        checkpoints = list_checkpoints(run_dir / "checkpoints")
-        if not checkpoints:
-            raise RuntimeError(f"{run_dir}: no checkpoint to score")
         subprocess.run([sys.executable, "-m", "dgucdir", "eval", str(checkpoints[-1]), "--domains", *train_domains,
                         "--out", str(out)], check=True, stdout=subprocess.DEVNULL)
     mean = json.loads(report.read_text())["mean"]

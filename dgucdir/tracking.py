@@ -195,6 +195,7 @@ class Tracker:
         self.metrics = MetricsLog(run_dir / METRICS_FILE) if active and run_dir is not None else None
         self.failures: list[str] = []  # what did not reach MLflow
         self._paused_until = 0.0
+        self.ended = False
 
     def _guarded(self, what: str, call: Callable[[], Any], even_if_paused: bool = False) -> Any:
         """``call()`` with a bounded retry; on its last failure a warning, None, and training goes on. After
@@ -335,6 +336,9 @@ class Tracker:
     def end(self, status: str = "FINISHED") -> None:
         """Ends the run (later log calls are dropped: MLflow would silently open a new run for them), and says
         plainly when tracking failed and where the metrics are."""
+        if self.ended:
+            return
+        self.ended = True
         if self.active:
             self._guarded("ending the run", lambda: self._mlflow.active_run() is not None and
                           self._mlflow.end_run(status=status), even_if_paused=True)

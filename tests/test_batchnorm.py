@@ -5,7 +5,6 @@ The two-process equivalence with one process on the same global batch is tested 
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch

@@ -17,7 +17,7 @@ def _store(tmp_path):
     exp = client.create_experiment("e")
     parent = client.create_run(exp, tags={"dgucdir.sweep": "s1", "dgucdir.sweep_parent": "true"}).info.run_id
 
-    def add(sweep, split, seed, p_xy, p_yx, steps=(10, 20)):
+    def add(sweep, split, seed, p_xy, p_yx, steps=(10, 20), status="FINISHED"):
         run = client.create_run(exp, run_name=f"{split}-{seed}", tags={
             "dgucdir.sweep": sweep, "dgucdir.train_domains": split, "dgucdir.seed": str(seed),
             "mlflow.parentRunId": parent})
@@ -27,9 +27,10 @@ def _store(tmp_path):
             client.log_metric(rid, "eval/x_to_y/P_at_1", p_xy * scale, step=step)
             client.log_metric(rid, "eval/y_to_x/P_at_1", p_yx * scale, step=step)
             client.log_metric(rid, "eval/mean/P_at_1", (p_xy + p_yx) / 2 * scale, step=step)
-        client.set_terminated(rid)
+        client.set_terminated(rid, status)
 
     add("s1", "a,b", 0, 0.40, 0.20)
+    add("s1", "a,b", 2, 0.05, 0.05, status="KILLED")  # stopped: its last evaluation is not its final one
     add("s1", "a,b", 1, 0.60, 0.30)
     add("s1", "a,c", 0, 0.10, 0.50)
     add("s2", "a,b", 0, 0.99, 0.99)  # another sweep: left out of --sweep s1
@@ -50,6 +51,7 @@ def test_table_is_mean_and_std_over_seeds_per_split(tmp_path):
     assert cells["a+c"]["y_to_x"] == (50.0, 0.0, 1)
     md = table.markdown()
     assert "| a+b | 50.00 ± 14.14 | 25.00 ± 7.07 | 37.50 ± 10.61 | 2 |" in md
+    assert "Left out, not finished (their last evaluation is not their final one): a,b-2 (KILLED)" in md
     assert (tmp_path / "runs.png").stat().st_size > 10_000
     curve = [r.curve for r in table.runs if r.name == "a,b-0"][0]
     assert [s for s, _ in curve] == [10, 20] and [round(v, 9) for _, v in curve] == [0.15, 0.3]
@@ -65,4 +67,4 @@ def test_cli_json_and_errors(tmp_path):
     assert json.loads(res.stdout)["table"]["a+b"]["mean"]["mean"] == 99.0
     bad = subprocess.run([sys.executable, "-m", "dgucdir", "runs", "--uri", uri, "--sweep", "nope"], cwd=REPO,
                          capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "no evaluated runs in sweep 'nope'" in bad.stderr
+    assert bad.returncode == 2 and "no finished, evaluated runs in sweep 'nope'" in bad.stderr

@@ -50,7 +50,8 @@ def test_selection_end_to_end_scores_the_training_domains_of_each_last_checkpoin
     candidates, best = run_selection(str(cfg), [f"tracking.uri=sqlite:///{tmp_path / 'store.db'}"],
                                      ["optim.lr=0.05;0.0001"], [0], out)
     for c in candidates:
-        report = json.loads((out / f"{point_name(c.point)}-seed0/select_eval/retrieval.json").read_text())
+        run_dir = out / f"{point_name(c.point)}-seed0"  # scored per checkpoint: the report is under its name
+        report = json.loads((run_dir / "select_eval" / "ckpt-000000003" / "retrieval.json").read_text())
         assert sorted({p["query"] for p in report["pairs"]}) == ["ink", "neon"]  # the training domains
         assert c.scores[0] == pytest.approx(100 * report["mean"]["mAP@All"])
     assert best is max(candidates, key=lambda c: c.scores[0])
