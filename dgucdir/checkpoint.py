@@ -308,8 +308,15 @@ class Checkpointer:
         return aside
 
     def _read(self, path: Path) -> tuple[dict, dict] | None:
+        """(shared state, this rank's state) of ``path``, None when unreadable here. The shared state (the
+        model and optimizer: hundreds of MB) is read by rank 0 alone and broadcast, not read by every rank
+        from the shared filesystem; each rank reads its own small file."""
+        shared, refusal = self._read_shared_on_rank0(path)
+        if refusal is not None:
+            raise RefusedCheckpoint(refusal)
         try:
-            shared = safe_load(path / SHARED)
+            if shared is None:
+                raise OSError(f"rank 0 could not read {path / SHARED} (its warning says why)")
             own = safe_load(path / rank_file(dist.rank()))
             missing = [k for k in (META, *self.shared) if k not in shared] + [k for k in self.per_rank if k not in own]
             if missing:
@@ -320,3 +327,17 @@ class Checkpointer:
         except Exception as exc:  # noqa: BLE001 - truncated, missing or corrupt: try the previous one
             log.warning("rank %d cannot read checkpoint %s (%s: %s)", dist.rank(), path, type(exc).__name__, exc)
             return None
+
+    @staticmethod
+    def _read_shared_on_rank0(path: Path) -> tuple[dict | None, str | None]:
+        """Rank 0 reads ``state.pt`` and broadcasts (state, refusal): the state, or None if unreadable, and the
+        safe loader's refusal message, if any (collective)."""
+        result: tuple[dict | None, str | None] = (None, None)
+        if dist.rank() == 0:
+            try:
+                result = (safe_load(path / SHARED), None)
+            except RefusedCheckpoint as exc:
+                result = (None, str(exc))
+            except Exception as exc:  # noqa: BLE001 - reported, and the previous checkpoint is tried
+                log.warning("rank 0 cannot read checkpoint %s (%s: %s)", path, type(exc).__name__, exc)
+        return dist.broadcast_object(result)

@@ -254,3 +254,28 @@ def test_a_start_without_room_for_one_checkpoint_warns(tmp_path, monkeypatch, ca
     with caplog.at_level(logging.WARNING):
         ckpt.warn_if_short_of_space(5 * 2**20)
     assert "only 3.0 MiB free for checkpoints" in caplog.text and "about 5.0 MiB" in caplog.text
+
+
+def _resume_counting_reads(root: str) -> tuple[int, int, int]:
+    """On 2 gloo ranks: save, then load, counting this rank's reads of the shared state.pt."""
+    import torch.distributed as tdist
+
+    rank = tdist.get_rank()
+    Checkpointer(Path(root), {"shared": Box(41)}, {"own": Box(rank)}, keep=2).save(3, {**meta(3), "world_size": 2})
+    reads = []
+    real = checkpoint.safe_load
+    checkpoint.safe_load = lambda path: (reads.append(Path(path).name), real(path))[1]
+    shared, own = Box(), Box()
+    try:
+        Checkpointer(Path(root), {"shared": shared}, {"own": own}, keep=2).load()
+    finally:
+        checkpoint.safe_load = real
+    return reads.count(checkpoint.SHARED), shared.value, own.value
+
+
+def test_a_resume_reads_the_shared_state_once_on_rank_0_and_broadcasts_it(tmp_path):
+    from distributed import run_distributed
+
+    (reads0, shared0, own0), (reads1, shared1, own1) = run_distributed(_resume_counting_reads, 2, str(tmp_path))
+    assert (reads0, reads1) == (1, 0)  # not W reads of the large file from the shared filesystem
+    assert shared0 == shared1 == 41 and (own0, own1) == (0, 1)
