@@ -121,29 +121,24 @@ def infonce_terms(terms: dict[str, tuple[torch.Tensor, torch.Tensor, ShardedQueu
     (all zeros for a shared queue). Always fp32, also under bf16 autocast: logits divided by a
     temperature of 0.2 and sums over thousands of negatives need the mantissa.
     """
-    queries: list[torch.Tensor] = []  # distinct query tensors, gathered together
-    for q, _, _ in terms.values():
-        if not any(q is seen for seen in queries):
-            queries.append(q)
-    n = queries[0].shape[0]
-    meta_all = dist.all_gather(torch.stack([domain.long(), ids.long()], 1))
-    q_all = dist.all_gather_with_grad(torch.cat([q.float() for q in queries], 1))  # (W*n, m*dim)
-    dim = queries[0].shape[1]
-    pairs: list[tuple[int, ShardedQueue]] = []  # distinct (query set, queue): one negative sum each
+    queries: dict[int, torch.Tensor] = {}  # the distinct query tensors (by identity), gathered together
+    pairs: dict[tuple[int, int], tuple[int, ShardedQueue]] = {}  # (query set, queue) -> (query set's slot, queue)
     for q, _, queue in terms.values():
-        key = (next(i for i, seen in enumerate(queries) if q is seen), queue)
-        if not any(key[0] == i and key[1] is qu for i, qu in pairs):
-            pairs.append(key)
-    sums, best = zip(*(queue.negative_sums(q_all[:, i * dim:(i + 1) * dim], meta_all[:, 0], meta_all[:, 1],
-                                           temperature) for i, queue in pairs))
+        queries.setdefault(id(q), q)
+        pairs.setdefault((id(q), id(queue)), (list(queries).index(id(q)), queue))
+    dim = next(iter(queries.values())).shape[1]
+    meta_all = dist.all_gather(torch.stack([domain.long(), ids.long()], 1))
+    q_all = dist.all_gather_with_grad(torch.cat([q.float() for q in queries.values()], 1))  # (W*n, sets*dim)
+    sums, best = zip(*(queue.negative_sums(q_all[:, slot * dim:(slot + 1) * dim], meta_all[:, 0], meta_all[:, 1],
+                                           temperature) for slot, queue in pairs.values()))
     own_sums = dist.reduce_scatter_with_grad(torch.stack(sums, 1))  # (n, pairs): this rank's queries, every shard
     own_best = dist.reduce_scatter(torch.stack(best, 1), op="max")
+    column = {key: j for j, key in enumerate(pairs)}
     shift = 1.0 / temperature
     out = {}
     for name, (q, k_pos, queue) in terms.items():
-        p = next(j for j, (i, qu) in enumerate(pairs) if queries[i] is q and qu is queue)
+        j = column[id(q), id(queue)]
         l_pos = (q.float() * k_pos.float().detach()).sum(1) / temperature
-        lse = torch.log(torch.exp(l_pos - shift) + own_sums[:, p]) + shift
-        out[name] = ContrastiveResult((lse - l_pos).mean(), (l_pos.detach() > own_best[:, p]).float().mean())
-    assert all(t.shape[0] == n for t in queries)
+        lse = torch.log(torch.exp(l_pos - shift) + own_sums[:, j]) + shift
+        out[name] = ContrastiveResult((lse - l_pos).mean(), (l_pos.detach() > own_best[:, j]).float().mean())
     return out
