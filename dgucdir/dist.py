@@ -114,19 +114,36 @@ def broadcast_object(obj: object, src: int = 0) -> object:
     return box[0]
 
 
+_BATCHNORM_GROUPS: list = []  # created by batchnorm_group(), destroyed by destroy_batchnorm_groups()
+
+
 def batchnorm_group(size: int | None):
-    """A process group of its own for BatchNorm statistics: all ranks (``size`` None), or this rank's block of
-    ``size`` consecutive ranks (e.g. its node's). Collective: every rank calls it, in the same order."""
+    """The process group of this rank's BatchNorm statistics: its block of ``size`` consecutive ranks (e.g.
+    its node's), or all ranks (``size`` None). Under NCCL all ranks get a group of their own too, so that
+    the many small BN all-reduces run on their own communicator, beside DDP's gradient buckets; on gloo
+    they use the default group. Collective: every rank calls it, in the same order."""
     if not is_distributed():
         return None
     world = world_size()
+    if size in (None, world) and dist.get_backend() != "nccl":
+        return None
     size = size or world
     mine = None
     for start in range(0, world, size):  # new_group must be called by every rank for every group
         group = dist.new_group(list(range(start, start + size)))
+        _BATCHNORM_GROUPS.append(group)
         if start <= rank() < start + size:
             mine = group
     return mine
+
+
+def destroy_batchnorm_groups() -> None:
+    """Tears down the groups :func:`batchnorm_group` made, before the default group goes (a process group
+    left to the interpreter's exit can abort it while its threads still run)."""
+    while _BATCHNORM_GROUPS:
+        group = _BATCHNORM_GROUPS.pop()
+        if group not in (None, dist.GroupMember.NON_GROUP_MEMBER):
+            dist.destroy_process_group(group)
 
 
 def barrier() -> None:

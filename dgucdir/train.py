@@ -243,6 +243,7 @@ class Trainer:
         self.tracker.end("KILLED")  # a no-op once fit ended the run
         if self.folder_lock is not None:
             self.folder_lock.release()
+        dist.destroy_batchnorm_groups()
 
     def _claim_output_folder(self, overwrite: bool) -> None:
         existing = list_checkpoints(self.checkpointer.root)

@@ -358,3 +358,23 @@ def test_collectives_per_step_match_the_documented_formula(tmp_path, demo_manife
     # (2 int64), and in backward the gradient of its 4 negative sums (the demo's cross_negatives=positive
     # pairs each query set with both queues): bytes in B, so the total gathered grows as W x B, not W^2
     assert r["bytes_per_step"]["all_gather"] == 32 // world * (2 * 128 * 4 + 2 * 8 + 4 * 4)
+
+
+def _copy_and_pickle_with_bn_groups():
+    import pickle
+
+    from dgucdir import dist
+    from dgucdir.model.batchnorm import GlobalBatchNorm2d
+
+    model = _model(rank_batch=GLOBAL // 2, bn="paper", bn_group=1)  # a group of its own per rank
+    groups = {m.group for m in model.encoder_q.modules() if isinstance(m, GlobalBatchNorm2d)}
+    copied = copy.deepcopy(model.encoder_q)  # what logging the MLflow model does
+    pickle.dumps(model.encoder_q)
+    dist.destroy_batchnorm_groups()
+    return len(groups), None not in groups, {m.group for m in copied.modules() if isinstance(m, GlobalBatchNorm2d)}
+
+
+def test_a_model_with_batchnorm_groups_copies_and_pickles():
+    """The process group stays with the process: a copy (the MLflow model) normalises over the default group."""
+    for n_groups, has_group, copied in run_distributed(_copy_and_pickle_with_bn_groups, 2):
+        assert n_groups == 1 and has_group and copied == {None}

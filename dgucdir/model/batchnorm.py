@@ -116,6 +116,13 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
         return _GlobalBatchNorm.apply(x, self.weight if self.affine else None, self.bias if self.affine else None,
                                       self)
 
+    def __getstate__(self) -> dict:
+        """Copies and pickles (deepcopy, an MLflow model) leave the process group behind: it belongs to this
+        process; a copy normalises over the default group."""
+        state = dict(super().__getstate__())
+        state.pop("group", None)
+        return state
+
     @torch.no_grad()
     def update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, n: torch.Tensor) -> None:
         """As BatchNorm2d: momentum (or cumulative) average of the mean and of the unbiased variance."""
