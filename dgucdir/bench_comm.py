@@ -2,7 +2,7 @@
 
 Run in the world to measure, e.g. ``torchrun --nproc_per_node 4 -m dgucdir bench comm``: the real
 Trainer takes a few steps of the demo on gloo while the Python collectives of ``torch.distributed``
-are wrapped and counted per step (operation, bytes, and whether they ran on the BatchNorm group).
+are wrapped and counted per step (operation, bytes, and whether BatchNorm made them).
 DDP's gradient all-reduce runs in its C++ reducer, so it is not among them; its bytes (the
 trainable parameters, once per step) are added in the projection.
 
@@ -13,7 +13,7 @@ The formula the counts are checked against, per training step with ``model.bn: p
   the queries' gradient); gloo has no reduce-scatter, so there it is an all-reduce of W times
   the bytes. 6 in all.
 - BatchNorm over the global batch: one all-reduce per BN layer in the query forward, the query
-  backward and the key forward, 3 L for L layers, on a process group of their own.
+  backward and the key forward, 3 L for L layers (on a process group of their own under NCCL).
 - Bookkeeping: one all-reduce of the metric window and one of the stop flag every
   ``train.log_every`` steps.
 """
@@ -47,28 +47,40 @@ def _bytes(args: tuple, kwargs: dict) -> int:
 
 
 @contextmanager
-def counting(bn_groups: set) -> Iterator[tuple[Counter, Counter]]:
-    """Counts every call of the wrapped collectives: (name, on the BN group) -> calls, and -> bytes."""
+def counting() -> Iterator[tuple[Counter, Counter]]:
+    """Counts every call of the wrapped collectives: (name, made by BatchNorm) -> calls, and -> bytes.
+    BatchNorm's are told apart by where they come from (its all-reduce helper), whatever group they use."""
+    from .model import batchnorm
+
     counts: Counter = Counter()
     nbytes: Counter = Counter()
     originals = {name: getattr(torch.distributed, name) for name in WRAPPED}
+    bn_all_reduce, in_bn = batchnorm._all_reduce, [False]
 
     def wrap(name: str, fn):
         def counted(*args, **kwargs):
-            group = kwargs.get("group")
-            key = (name, group is not None and group in bn_groups)
+            key = (name, in_bn[0])
             counts[key] += 1
             nbytes[key] += _bytes(args, kwargs)
             return fn(*args, **kwargs)
         return counted
 
+    def bn_counted(x: torch.Tensor, group=None) -> torch.Tensor:
+        in_bn[0] = True
+        try:
+            return bn_all_reduce(x, group)
+        finally:
+            in_bn[0] = False
+
     for name, fn in originals.items():
         setattr(torch.distributed, name, wrap(name, fn))
+    batchnorm._all_reduce = bn_counted
     try:
         yield counts, nbytes
     finally:
         for name, fn in originals.items():
             setattr(torch.distributed, name, fn)
+        batchnorm._all_reduce = bn_all_reduce
 
 
 def count_step_collectives(config: str, overrides: list[str], steps: int) -> dict:
@@ -84,12 +96,11 @@ def count_step_collectives(config: str, overrides: list[str], steps: int) -> dic
         trainer.model.train()
         trainer.train_step(next(batches))  # warm-up: DDP's first-step set-up is not a step's cost
         bn_layers = [m for m in trainer.core.encoder_q.modules() if isinstance(m, GlobalBatchNorm2d)]
-        groups = {m.group for m in bn_layers if m.group is not None}
-        with counting(groups) as (counts, nbytes):
+        with counting() as (counts, nbytes):
             for batch in batches:
                 trainer.train_step(batch)
         trainer.close()
-    label = {key: f"{key[0]}{' (BN group)' if key[1] else ''}" for key in counts}
+    label = {key: f"{key[0]}{' (BatchNorm)' if key[1] else ''}" for key in counts}
     per_step = {label[k]: n / steps for k, n in counts.items()}
     bytes_per_step = {label[k]: n / steps for k, n in nbytes.items()}
     world = dist.world_size()
