@@ -44,6 +44,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from dgucdir.data.batches import DomainViews, EpochReader, RawPartners, TrainingBatches  # noqa: E402 (no DALI)
 
 # seconds per phase at --size full on one H100 (generous: a phase past it is reported as timed out)
 PHASES: dict[str, int] = {"fourier": 60, "step": 150, "batchnorm": 120, "kmeans": 90, "retrieval": 120,
@@ -114,54 +115,50 @@ def random_view(img, size: int, gen) -> torch.Tensor:
     return TF.horizontal_flip(view) if float(torch.rand((), generator=gen)) < 0.5 else view
 
 
-def _training_batches_class():
-    from dgucdir.data.batches import DomainViews, EpochReader, RawPartners, TrainingBatches
+class TorchvisionEpoch(EpochReader):
+    """One epoch of :class:`TorchvisionBatches`: the views and raw partners of each step, decoded by torchvision."""
 
-    class Epoch(EpochReader):
-        def __init__(self, owner, epoch: int) -> None:
-            self.owner, self.epoch, self.step = owner, epoch, 0
-            self.orders = [owner.epoch_order(epoch, d) for d in range(len(owner.domains))]
-            self.partners = owner.partner_draws(epoch) if owner.reads_partners else None
+    def __init__(self, owner, epoch: int) -> None:
+        self.owner, self.epoch, self.step = owner, epoch, 0
+        self.orders = [owner.epoch_order(epoch, d) for d in range(len(owner.domains))]
+        self.partners = owner.partner_draws(epoch) if owner.reads_partners else None
 
-        def read(self):
-            o, k, s = self.owner, self.owner.per_domain, self.step
-            gen = torch.Generator().manual_seed(o.decoder_seed(self.epoch, f"views-{s}"))
-            views = []
-            for d, order in enumerate(self.orders):
-                index = order[s * k:(s + 1) * k]
-                records = [o.reader.read(d, int(i)) for i in index]
-                images = decode([r[0] for r in records], o.device)
-                views.append(DomainViews(torch.stack([random_view(i, o.image_size, gen) for i in images]),
-                                         torch.stack([random_view(i, o.image_size, gen) for i in images]),
-                                         torch.tensor([r[1] for r in records], device=o.device),
-                                         index.to(o.device),
-                                         torch.stack([raw_view(i, o.image_size) for i in images]) if o.bank else None))
-            partners = None
-            if self.partners is not None:
-                n = 2 * k * len(o.domains)
-                domain, index = (t[s * n:(s + 1) * n] for t in self.partners)
-                partners = RawPartners(o.raw_images(domain, index), domain, index)
-            self.step += 1
-            return views, partners
-
-    class Batches(TrainingBatches):
-        def __init__(self, cfg, manifest, rank_batch, image_size, device) -> None:
-            if cfg.data.order != "global":
-                raise ValueError("the device check's decoder reads in data.order=global only")
-            super().__init__(cfg, manifest, rank_batch, image_size, 0, 1, device)
-
-        def open_epoch(self, epoch: int):
-            return Epoch(self, epoch)
-
-        def raw_images(self, domain, index):
-            encoded = [self.reader.read(int(d), int(i))[0] for d, i in zip(domain, index)]
-            return torch.stack([raw_view(img, self.image_size) for img in decode(encoded, self.device)])
-
-    return Batches
+    def read(self):
+        o, k, s = self.owner, self.owner.per_domain, self.step
+        gen = torch.Generator().manual_seed(o.decoder_seed(self.epoch, f"views-{s}"))
+        views = []
+        for d, order in enumerate(self.orders):
+            index = order[s * k:(s + 1) * k]
+            records = [o.reader.read(d, int(i)) for i in index]
+            images = decode([r[0] for r in records], o.device)
+            views.append(DomainViews(torch.stack([random_view(i, o.image_size, gen) for i in images]),
+                                     torch.stack([random_view(i, o.image_size, gen) for i in images]),
+                                     torch.tensor([r[1] for r in records], device=o.device),
+                                     index.to(o.device),
+                                     torch.stack([raw_view(i, o.image_size) for i in images]) if o.bank else None))
+        partners = None
+        if self.partners is not None:
+            n = 2 * k * len(o.domains)
+            domain, index = (t[s * n:(s + 1) * n] for t in self.partners)
+            partners = RawPartners(o.raw_images(domain, index), domain, index)
+        self.step += 1
+        return views, partners
 
 
-def TorchvisionBatches(cfg, manifest, rank_batch, image_size, device):  # noqa: N802 - a class, built lazily
-    return _training_batches_class()(cfg, manifest, rank_batch, image_size, device)
+class TorchvisionBatches(TrainingBatches):
+    """The product's training batches (order, partners, bank, Fourier stage) fed by torchvision's decoder."""
+
+    def __init__(self, cfg, manifest, rank_batch, image_size, device) -> None:
+        if cfg.data.order != "global":
+            raise ValueError("the device check's decoder reads in data.order=global only")
+        super().__init__(cfg, manifest, rank_batch, image_size, 0, 1, device)
+
+    def open_epoch(self, epoch: int):
+        return TorchvisionEpoch(self, epoch)
+
+    def raw_images(self, domain, index):
+        encoded = [self.reader.read(int(d), int(i))[0] for d, i in zip(domain, index)]
+        return torch.stack([raw_view(img, self.image_size) for img in decode(encoded, self.device)])
 
 
 # --------------------------------------------------------------------------- comparisons
